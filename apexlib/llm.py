@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,8 @@ class LLM:
                        else list(sampling_params))
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        # only the finished outputs are read here: no per-step copies of the growing outputs (vLLM's LLM does the same)
+        params_list = [dataclasses.replace(params, output_kind="final_only") for params in params_list]
         engine = self.llm_engine
         for index, prompt in enumerate(prompts):
             try:

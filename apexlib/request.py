@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+OUTPUT_KINDS = ("cumulative", "final_only")
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,8 +19,14 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] | list[int] | None = None
     ignore_eos: bool = False
+    # What ``LLMEngine.step`` returns for this request (vLLM's RequestOutputKind): "cumulative", every
+    # step the request advanced in, all tokens so far; "final_only", once, when it finishes (what
+    # ``LLM.generate`` and the benchmarks use: no per-step copy of the growing token list).
+    output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
+        if self.output_kind not in OUTPUT_KINDS:
+            raise ValueError(f"SamplingParams.output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not self.temperature >= 0.0:

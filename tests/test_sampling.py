@@ -67,3 +67,24 @@ def test_sampler_top_k_and_top_p_restrict_support():
     assert top_p == {0, 1}
     everything = {sampler.sample(logits, [_sequence("c", temperature=1.0)])[0] for _ in range(400)}
     assert everything == {0, 1, 2, 3}
+
+
+def test_output_kind_final_only_reports_once_with_the_same_result(llm):
+    engine = llm.llm_engine
+    seen: dict[str, list] = {"cumulative": [], "final_only": []}
+    for kind in seen:
+        engine.add_request(kind, {"prompt_token_ids": [5, 6, 7]},
+                           SamplingParams(max_tokens=6, temperature=0.0, output_kind=kind))
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output)
+    cumulative, final = seen["cumulative"], seen["final_only"]
+    assert len(cumulative) == 6 and [len(o.outputs[0].token_ids) for o in cumulative] == [1, 2, 3, 4, 5, 6]
+    assert len(final) == 1 and final[0].finished
+    assert final[0].outputs[0].token_ids == cumulative[-1].outputs[0].token_ids
+    assert final[0].metrics.token_times and len(final[0].metrics.token_times) == 6
+
+
+def test_output_kind_is_validated():
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind="delta")

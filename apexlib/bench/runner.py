@@ -374,7 +374,7 @@ def write_results(results: Sequence[BenchmarkResult], results_dir: str | Path | 
 def _sampling_params(output_len: int):
     from apexlib.request import SamplingParams
 
-    return SamplingParams(max_tokens=int(output_len), temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=int(output_len), temperature=0.0, ignore_eos=True, output_kind="final_only")
 
 
 def _environment_provenance() -> dict[str, Any]:

@@ -196,7 +196,8 @@ class LLMEngine:
         output = self.runner.execute(plan)
         self.last_subtask_seconds = output.subtask_seconds
         updated = self.scheduler.update_from_output(plan, output, clock())
-        return [self._output(request) for request in updated]
+        return [self._output(request) for request in updated
+                if request.sampling_params.output_kind == "cumulative" or request.is_finished]
 
     def _output(self, request: Request) -> RequestOutput:
         finished = request.is_finished
