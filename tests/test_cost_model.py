@@ -113,6 +113,29 @@ def test_async_hybrid_adjustment_by_hand():
     assert predict_iteration(model, shape).total == pytest.approx(expected)
 
 
+def test_cpu_slowdown_scales_cpu_attention_by_hand():
+    hybrid = {"async_overlap": {"per_job_seconds": 0.0, "device_slowdown": 1.0, "serial_fraction": 0.0,
+                                "cpu_slowdown": 1.5}}
+    model = TableCostModel(toy_profile(hybrid))
+    assert model.hybrid_adjustment("async_overlap") == HybridAdjustment(0.0, 1.0, 0.0, 1.5)
+    shape = IterationShape(mode="async_overlap", gpu_decode_kv_tokens=2 * 64, num_gpu_decodes=2,
+                           cpu_decode_kv_tokens=2 * 64, num_cpu_decodes=2)
+    # Lin(4) 1.4 ms, sample 40 us, overhead 0.5 ms, max(G = 128 us, c*C = 1.5 * 512 us)
+    predicted = predict_iteration(model, shape)
+    assert predicted.cpu_attention == pytest.approx(768e-6)
+    assert predicted.total == pytest.approx(1.4e-3 + 4e-5 + 768e-6 + 5e-4)
+    # profiles from before the CPU slowdown was measured read as 1.0
+    older = TableCostModel(toy_profile({"async_overlap": {"per_job_seconds": 0.0, "device_slowdown": 1.0}}))
+    assert older.hybrid_adjustment("async_overlap").cpu_slowdown == 1.0
+
+
+def test_engine_step_overhead_is_read_from_the_profile():
+    assert TableCostModel(toy_profile()).engine_step_overhead(10) == 0.0  # not measured: nothing added
+    profile = toy_profile()
+    profile["tables"]["engine_step_overhead"] = {"seconds": 2e-5, "per_sequence_seconds": 1e-6}
+    assert TableCostModel(profile).engine_step_overhead(10) == pytest.approx(3e-5)
+
+
 def test_pipeline_schedule_by_hand():
     # one layer: device pre_A=1, G=1, pre_B=1, post_A=3 ... A's CPU job 10 starts at 1 -> post_A at 11..14,
     # B's job starts after A's (11) and pre_B (3): 11..21; post_B 21..24

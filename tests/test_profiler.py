@@ -36,7 +36,7 @@ def test_quick_profile_sections_and_provenance(quick_profile, tmp_path):
     assert profile["model"]["dtype"] == "float32" and profile["model_shape"]["num_kv_heads"] == 2
     tables = profile["tables"]
     for name in ("linear", "sample", "gpu_prefill_attention", "gpu_decode_attention", "cpu_decode_attention",
-                 "transfer", "launch_overhead", "hybrid_calibration"):
+                 "transfer", "launch_overhead", "hybrid_calibration", "engine_step_overhead"):
         assert name in tables, name
     assert all(s > 0 for s in tables["linear"]["seconds"])
     assert tables["cpu_decode_attention"]["model"] in ("grid", "fit")

@@ -80,6 +80,27 @@ def test_virtual_time_is_iterations_times_overhead():
     assert trace["start"].iloc[-1] + overhead == pytest.approx(result.extra["virtual_time_s"])
 
 
+class StepOverheadModel(ConstantOverheadModel):
+    """ConstantOverheadModel plus a measured-style engine step overhead per sequence."""
+
+    def engine_step_overhead(self, num_sequences: int) -> float:
+        return 1e-4 * num_sequences
+
+
+def test_engine_step_overhead_is_added_between_iterations():
+    overhead = 1e-3
+    workload = get_preset("tiny-decode-heavy", num_requests=12)
+    base = simulate(workload, model="tiny-demo", policy="gpu_only", cost_model=ConstantOverheadModel(overhead),
+                    device_kind="cpu", dtype="float32")
+    result = simulate(workload, model="tiny-demo", policy="gpu_only", cost_model=StepOverheadModel(overhead),
+                      device_kind="cpu", dtype="float32")
+    trace = result.iterations.to_dataframe()
+    assert len(trace) == len(base.iterations)  # same decisions
+    sequences = (trace["num_prefills"] + trace["num_gpu_decodes"] + trace["num_cpu_decodes"]).sum()
+    assert result.extra["virtual_time_s"] == pytest.approx(len(trace) * overhead + 1e-4 * sequences)
+    assert (trace["scheduler_seconds"] > 0).all()
+
+
 def test_online_arrivals_are_respected(t4_llama2):
     # Sparse arrivals: the clock jumps over idle gaps, and no request is scheduled before it arrives.
     workload = get_preset("t4-decode-heavy", num_requests=30, rate=0.05)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from apexlib.attention.backends import select_backend
 from apexlib.config import EngineConfig, ModelConfig
 from apexlib.engine.args import EngineArgs, activation_reserve_bytes
 from apexlib.engine.clock import clock
+from apexlib.engine.plan import IterationPlan
 from apexlib.engine.scheduler import Scheduler
 from apexlib.engine.stats import EngineStats
 from apexlib.kvcache.storage import KVStorage
@@ -59,8 +61,23 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(str(directory))
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """One ``LLMEngine.step``: its plan, when it started (``clock()``), how long scheduling, the runner
+    and the scheduler's update took, and the runner's subtask seconds (if profiled). What the step and
+    its caller spend besides (outputs, the caller's loop) is the gap to the next record's start."""
+
+    plan: IterationPlan
+    started: float
+    schedule_seconds: float
+    execute_seconds: float
+    update_seconds: float
+    subtask_seconds: dict[str, float] | None
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
+        self.step_log: list[StepRecord] | None = None
         model_config = ModelConfig.from_pretrained(args.model)
         device = resolve_device(args.device)
         dtype = args.resolve_dtype(model_config, device)
@@ -191,11 +208,22 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule -> execute -> update. Returns outputs of requests that advanced."""
-        plan = self.scheduler.schedule(clock())
+        """One iteration: schedule -> execute -> update. Returns outputs of requests that advanced
+        (``final_only`` requests: only when they finish).
+
+        Set ``engine.step_log`` to a list to receive one :class:`StepRecord` per step (the profiler's
+        calibration runs measure the engine's own per-step overhead with it)."""
+        log = self.step_log
+        started = clock()
+        plan = self.scheduler.schedule(started)
+        scheduled = clock()
         output = self.runner.execute(plan)
         self.last_subtask_seconds = output.subtask_seconds
-        updated = self.scheduler.update_from_output(plan, output, clock())
+        executed = clock()
+        updated = self.scheduler.update_from_output(plan, output, executed)
+        if log is not None:
+            log.append(StepRecord(plan, started, scheduled - started, executed - scheduled, clock() - executed,
+                                  output.subtask_seconds))
         return [self._output(request) for request in updated
                 if request.sampling_params.output_kind == "cumulative" or request.is_finished]
 

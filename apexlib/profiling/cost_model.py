@@ -113,12 +113,15 @@ class HybridAdjustment:
     ``per_job_seconds``: device-thread time per CPU job (one per layer and sub-batch) to hand the rows
     to the worker and collect the result; ``device_slowdown`` (>= 1): factor on device work while the
     worker runs (on device=cpu both share the cores); ``serial_fraction`` in [0, 1]: the share of the
-    shorter of (device attention, CPU job) that does not overlap the longer (async overlap only).
+    shorter of (device attention, CPU job) that does not overlap the longer (async overlap only);
+    ``cpu_slowdown`` (>= 1): factor on CPU attention while the device thread works beside it (measured
+    on device=cpu: the worker's core shares the cache, memory and the interpreter lock with it).
     """
 
     per_job_seconds: float = 0.0
     device_slowdown: float = 1.0
     serial_fraction: float = 0.0
+    cpu_slowdown: float = 1.0
 
 
 IDEAL_OVERLAP = HybridAdjustment()
@@ -177,6 +180,12 @@ class CostModel(ABC):
         """Measured departures from ideal overlap for iterations with CPU decodes in ``mode``
         (:class:`HybridAdjustment`); ``IDEAL_OVERLAP`` unless measured."""
         return IDEAL_OVERLAP
+
+    def engine_step_overhead(self, num_sequences: int) -> float:
+        """What the engine spends per step outside the scheduler and the runner (building outputs, the
+        driving loop): not part of an iteration's prediction (policies compare iterations), added by
+        the simulator between iterations. 0 unless measured (a datasheet model cannot know the host)."""
+        return 0.0
 
 
 def _check_direction(direction: str) -> None:
@@ -367,8 +376,11 @@ class TableCostModel(CostModel):
         self._overhead = float(overhead["seconds"])
         self._overhead_per_sequence = float(overhead.get("per_sequence_seconds", 0.0))
         self._hybrid = {OverlapMode(mode): HybridAdjustment(float(v["per_job_seconds"]), float(v["device_slowdown"]),
-                                                            float(v.get("serial_fraction", 0.0)))
+                                                            float(v.get("serial_fraction", 0.0)),
+                                                            float(v.get("cpu_slowdown", 1.0)))
                         for mode, v in tables.get("hybrid_calibration", {}).get("modes", {}).items()}
+        step = tables.get("engine_step_overhead")  # absent in profiles made before it was measured
+        self._step_overhead = (float(step["seconds"]), float(step["per_sequence_seconds"])) if step else None
         self.extrapolated = 0
         self.extrapolations: Counter[str] = Counter()
 
@@ -429,6 +441,11 @@ class TableCostModel(CostModel):
 
     def hybrid_adjustment(self, mode: OverlapMode | str) -> HybridAdjustment:
         return self._hybrid.get(OverlapMode(mode), IDEAL_OVERLAP)
+
+    def engine_step_overhead(self, num_sequences: int) -> float:
+        if self._step_overhead is None:
+            return 0.0
+        return self._step_overhead[0] + self._step_overhead[1] * num_sequences
 
 
 def _grid_points(table: Mapping[str, Any]) -> list[tuple[float, float, float]]:
@@ -662,12 +679,13 @@ def predict_iteration(cost_model: CostModel, shape: IterationShape) -> Predicted
       ``+ W + S + O``; each sub-batch pays its own pass over the weights (``Lin(A) + Lin(B)``).
 
     Measured hybrid adjustments (``cost_model.hybrid_adjustment(mode)``: per-job seconds j, device
-    slowdown s, serial fraction a, from the profile's ``hybrid_calibration``; (0, 1, 0) for an ideal
-    machine): device work (Lin, G) is multiplied by s (the worker competes with the device thread:
-    on device=cpu they share the cores), every CPU job costs the device thread j (hand-over and
-    collection), and a share a of the shorter side does not overlap, so async_overlap becomes
-    ``W + s*Lin + L*j + max(s*G, C + X) + a*min(s*G, C + X) + S + O``; the pipeline adds j to each
-    pre-attention step and scales its device work by s.
+    slowdown s, serial fraction a, CPU slowdown c, from the profile's ``hybrid_calibration``;
+    (0, 1, 0, 1) for an ideal machine): device work (Lin, G) is multiplied by s and CPU attention C by
+    c (the worker and the device thread compete: on device=cpu they share caches, memory and the
+    interpreter lock), every CPU job costs the device thread j (hand-over and collection), and a share
+    a of the shorter side does not overlap, so async_overlap becomes
+    ``W + s*Lin + L*j + max(s*G, c*C + X) + a*min(s*G, c*C + X) + S + O``; the pipeline adds j to each
+    pre-attention step and scales its device work by s and its CPU attention by c.
       In steady state a layer takes max(Lin(A)+G+Lin(B), C_A+X_A+C_B+X_B, C_A+X_A+Lin(A), C_B+X_B+Lin(B))/L.
       If either sub-batch is empty the runner runs one batch: as ``async_overlap``.
     """
@@ -694,6 +712,7 @@ def predict_iteration(cost_model: CostModel, shape: IterationShape) -> Predicted
         first_kv = split[0] if split is not None else 0
         cpu_a, copies_a = _cpu_job_seconds(cost_model, shape, first_kv, first_count)
         cpu_b, copies_b = _cpu_job_seconds(cost_model, shape, shape.cpu_decode_kv_tokens - first_kv, second_count)
+        cpu_a, cpu_b = cpu_a * adjustment.cpu_slowdown, cpu_b * adjustment.cpu_slowdown
         linear_a = slowdown * cost_model.linear(first_tokens, 0)
         linear_b = slowdown * cost_model.linear(second_count, 0)
         gpu_attention *= slowdown
@@ -709,6 +728,7 @@ def predict_iteration(cost_model: CostModel, shape: IterationShape) -> Predicted
     # async overlap (and a pipeline with one empty sub-batch)
     adjustment = cost_model.hybrid_adjustment(OverlapMode.ASYNC_OVERLAP)
     cpu_attention, copies = _cpu_job_seconds(cost_model, shape, shape.cpu_decode_kv_tokens, shape.num_cpu_decodes)
+    cpu_attention *= adjustment.cpu_slowdown
     linear = adjustment.device_slowdown * cost_model.linear(tokens, 0)
     gpu_attention *= adjustment.device_slowdown
     jobs = layers * adjustment.per_job_seconds

@@ -25,12 +25,21 @@ layers) of one iteration::
        "cpu_decode_attention": (same; the runner's "cpu_attention": K/V append + the compiled kernel),
        "transfer": {"d2h": {"bytes": [...], "seconds": [...]}, "h2d": {...}, "method": str,
                     "qkv_copies_in_runner": bool},
-       "launch_overhead": {"seconds": c, "per_sequence_seconds": d, "method": str}},
+       "launch_overhead": {"seconds": c, "per_sequence_seconds": d, "method": str},
+       "hybrid_calibration": {"modes": {mode: {device_slowdown, cpu_slowdown, per_job_seconds,
+                              serial_fraction, median_relative_error, points}}, "points_from_grid",
+                              "points_from_engine_runs", "method"},   # see _fit_hybrid / _calibration_runs
+       "engine_step_overhead": {"seconds", "per_sequence_seconds", "steps", "median_seconds", "method"}},
      "accuracy": (optional) the --check report}
+
+The hybrid calibration is fitted twice: on the grid's mixed iterations, then (with that preliminary
+profile driving the ``neo`` and ``apex`` policies through a calibration workload on a real engine) on
+the grid's and the engine runs' iterations together.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -65,9 +74,9 @@ FULL_GRID = {
     "decode_batches": (1, 2, 4, 8, 16, 32, 64, 128),
     "decode_contexts": (16, 64, 256, 1024, 2048),
     "transfer_blocks": (1, 4, 16, 64, 256, 1024),
-    "hybrid_gpu_batches": (1, 8, 32),
-    "hybrid_cpu_batches": (1, 8, 32),
-    "hybrid_contexts": (64, 512),
+    "hybrid_gpu_batches": (1, 2, 8, 32),
+    "hybrid_cpu_batches": (2, 8, 16, 32),
+    "hybrid_contexts": (64, 256, 512),
 }
 QUICK_GRID = {
     "linear_tokens": (1, 2, 4, 8, 16, 32, 64, 128, 256),
@@ -75,8 +84,8 @@ QUICK_GRID = {
     "decode_batches": (1, 4, 16),
     "decode_contexts": (16, 128, 512),
     "transfer_blocks": (1, 16, 128),
-    "hybrid_gpu_batches": (2, 16),
-    "hybrid_cpu_batches": (2, 16),
+    "hybrid_gpu_batches": (1, 4, 16),
+    "hybrid_cpu_batches": (2, 8, 16),
     "hybrid_contexts": (64, 256),
 }
 
@@ -296,7 +305,7 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
         bench = _Bench(engine, settings)
         total = (len(grid["linear_tokens"]) + len(grid["prefill_lengths"])
                  + 2 * len(grid["decode_batches"]) * len(grid["decode_contexts"]) + 2 * len(grid["transfer_blocks"])
-                 + 2 * len(grid["hybrid_gpu_batches"]) * len(grid["hybrid_cpu_batches"]) * len(grid["hybrid_contexts"]))
+                 + 3 * len(grid["hybrid_gpu_batches"]) * len(grid["hybrid_cpu_batches"]) * len(grid["hybrid_contexts"]))
         tables: dict[str, Any] = {}
         residuals: list[tuple[int, float]] = []
         with _progress(total, settings.progress, f"apex profile {Path(model_path).name}") as bar:
@@ -344,6 +353,7 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
             tables["gpu_decode_attention"]["method"] = "runner 'gpu_attention' of GPU-tier decode iterations"
             tables["transfer"] = _measure_transfers(engine, grid["transfer_blocks"], settings, copy_blocks, bar)
             hybrid_samples = _measure_hybrid(bench, grid, bar)
+        engine.close()  # the calibration runs build their own engines (one worker thread at a time)
         intercept, slope = _fit_line([r[0] for r in residuals], [r[1] for r in residuals])
         tables["launch_overhead"] = {
             "seconds": max(0.0, intercept), "per_sequence_seconds": max(0.0, slope),
@@ -351,6 +361,19 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
                       "iterations against their sequence count"}
         shape = ModelShape.from_config(config, name=Path(model_path).name)
         tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples)
+        preliminary = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
+        calibration_samples, step_overhead = _calibration_runs(settings, config.max_position_embeddings, preliminary)
+        tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples + calibration_samples)
+        intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead])
+        tables["engine_step_overhead"] = {
+            "seconds": max(0.0, intercept), "per_sequence_seconds": max(0.0, slope), "steps": len(step_overhead),
+            "median_seconds": statistics.median(t for _, t in step_overhead),
+            "method": "least squares, against the plan's sequence count, of the gap between consecutive "
+                      "LLMEngine.step starts minus scheduling, the runner and the scheduler's update, over the "
+                      "calibration runs (bench loop, final-only outputs): what the engine spends per step "
+                      "outside the scheduler and the runner"}
+        tables["hybrid_calibration"]["points_from_grid"] = len(hybrid_samples)
+        tables["hybrid_calibration"]["points_from_engine_runs"] = len(calibration_samples)
         info = provenance(engine, settings)
         date = info["date_utc"][:10]
         where = "device=cuda " + info["device_name"] if engine.config.device.startswith("cuda") else "device=cpu"
@@ -413,17 +436,21 @@ def _measure_hybrid(bench: _Bench, grid: dict[str, Sequence[int]], bar) -> list[
     from apexlib.profiling.cost_model import shape_from_plan
 
     samples = []
-    for mode in (OverlapMode.ASYNC_OVERLAP, OverlapMode.ASYMMETRIC_PIPELINE):
+    # the pipeline in both shapes a policy builds: the CPU rows split across the sub-batches, or
+    # (NEO's usual choice) sub-batch A = the GPU-tier rows only, B = every CPU-tier row
+    variants = ((OverlapMode.ASYNC_OVERLAP, None), (OverlapMode.ASYMMETRIC_PIPELINE, 2),
+                (OverlapMode.ASYMMETRIC_PIPELINE, 0))
+    for mode, cpu_share in variants:
         for gpu_batch in grid["hybrid_gpu_batches"]:
             for cpu_batch in grid["hybrid_cpu_batches"]:
                 for context in grid["hybrid_contexts"]:
                     gpu = bench.decodes(gpu_batch, context, Tier.GPU, prefix="g")
                     cpu = bench.decodes(cpu_batch, context, Tier.CPU, prefix="c")
                     batches = None
-                    if mode is OverlapMode.ASYMMETRIC_PIPELINE:
-                        half = cpu_batch // 2
-                        batches = (tuple(s.request_id for s in gpu + cpu[:half]),
-                                   tuple(s.request_id for s in cpu[half:]))
+                    if cpu_share is not None:
+                        first = cpu_batch // cpu_share if cpu_share else 0
+                        batches = (tuple(s.request_id for s in gpu + cpu[:first]),
+                                   tuple(s.request_id for s in cpu[first:]))
                     plan = bench.plan(gpu_decodes=gpu, cpu_decodes=cpu, mode=mode, pipeline_batches=batches)
                     seconds = bench.measure(plan)
                     samples.append((shape_from_plan(plan), seconds["iteration"]))
@@ -431,18 +458,79 @@ def _measure_hybrid(bench: _Bench, grid: dict[str, Sequence[int]], bar) -> list[
     return samples
 
 
+CALIBRATION_REQUESTS = {"quick": 16, "full": 24}
+
+
+def _calibration_runs(settings: ProfileSettings, max_position_embeddings: int,
+                      preliminary: dict[str, Any]) -> tuple[list[tuple[Any, float]], list[tuple[int, float]]]:
+    """Real engine runs of the profiled policies: (mixed iterations as (shape, runner seconds),
+    per-step engine overhead as (sequences in the plan, seconds)).
+
+    The grid repeats one uniform batch per point; the iterations the policies build differ from it
+    in what a grid does not show: contexts that differ within a batch, NEO's and APEX's own batch
+    splits, a new plan every step. So ``neo`` and then ``apex`` run a seeded decode-heavy calibration
+    workload (prompts uniform 8-96, outputs 32-160 tokens, seed ``settings.seed + 1``; not a
+    benchmark preset) through the benchmark loop (``drive_engine``), deciding with the ``preliminary``
+    profile (the tables plus a grid-only fit), with a GPU tier of 32 blocks so that most iterations
+    are mixed. Their hybrid iterations (no prefill in them; the first two of each run dropped as
+    warm-up) join the grid's samples in the final fit. The engine's own per-step cost beyond the
+    scheduler and the runner (output building, the driving loop) is the gap between consecutive
+    steps minus scheduling, execution and the scheduler's update (``LLMEngine.step_log``)."""
+    import tempfile
+
+    from apexlib.bench.runner import drive_engine, prepare_workload, special_token_ids
+    from apexlib.bench.workloads import Uniform, make_workload
+    from apexlib.config import ModelConfig
+    from apexlib.engine.args import EngineArgs
+    from apexlib.engine.engine import LLMEngine
+    from apexlib.engine.plan import OverlapMode
+
+    count = CALIBRATION_REQUESTS["quick" if settings.quick else "full"]
+    limit = min(max_position_embeddings, 512)
+    model_path = resolve_model(settings.model)
+    config = ModelConfig.from_pretrained(model_path)
+    workload = make_workload("profile-calibration", count, Uniform(8, min(96, limit // 4)),
+                             Uniform(32, min(160, limit // 2)), seed=settings.seed + 1, max_model_len=limit)
+    workload = prepare_workload(workload, config.vocab_size, special_token_ids(model_path, config.vocab_size),
+                                settings.seed + 1)
+    hybrid: list[tuple[Any, float]] = []
+    overhead: list[tuple[int, float]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        profile_path = Path(scratch) / "preliminary.json"
+        profile_path.write_text(json.dumps(preliminary))
+        for policy in ("neo", "apex"):
+            engine = LLMEngine(EngineArgs(
+                model=model_path, device=settings.device, dtype=settings.dtype, block_size=settings.block_size,
+                policy=policy, cost_model=str(profile_path), num_gpu_blocks=max(32, -(-limit // settings.block_size)),
+                num_cpu_blocks=4096, max_model_len=limit, profile_subtasks=True, seed=settings.seed))
+            try:
+                engine.step_log = []
+                drive_engine(engine, workload, "offline", progress=False)
+                records = [r for r in engine.step_log if r.plan.sequences][2:]
+            finally:
+                engine.close()
+            for record, following in zip(records[:-1], records[1:], strict=True):
+                overhead.append((len(record.plan.sequences), following.started - record.started
+                                 - record.schedule_seconds - record.execute_seconds - record.update_seconds))
+            for record in records:
+                shape = shape_from_plan(record.plan)
+                if shape.mode is not OverlapMode.NONE and not shape.prefill_lengths:
+                    hybrid.append((shape, record.subtask_seconds["iteration"]))
+    return hybrid, overhead
+
+
 def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[Any, float]]) -> dict[str, Any]:
     """Per hybrid mode, the ``HybridAdjustment`` that best explains the mixed iterations given the
-    single-subtask tables (least relative squares): device slowdown s on a 0.05 grid in [1, 2.5],
-    serial fraction a on a 0.1 grid in [0, 1] (async overlap only), per-job seconds j >= 0 fitted
-    for each (s, a). See ``predict_iteration``."""
+    single-subtask tables (least relative squares): device slowdown s on a 0.05 grid and CPU
+    slowdown c on a 0.1 grid, both in [1, 2], serial fraction a on a 0.1 grid in [0, 1] (async overlap only), per-job
+    seconds j >= 0 fitted in closed form for each (s, c, a). See ``predict_iteration``."""
     from apexlib.engine.plan import OverlapMode
     from apexlib.profiling.cost_model import HybridAdjustment
 
     result: dict[str, Any] = {"method": "least relative squares over mixed GPU+CPU decode iterations measured "
-                                        "with the same runner: device work x device_slowdown, + per_job_seconds "
-                                        "per CPU job (layer x sub-batch), + serial_fraction x the shorter of "
-                                        "(device attention, CPU job)", "modes": {}}
+                                        "with the same runner: device work x device_slowdown, CPU attention x "
+                                        "cpu_slowdown, + per_job_seconds per CPU job (layer x sub-batch), + "
+                                        "serial_fraction x the shorter of (device attention, CPU job)", "modes": {}}
     base_profile = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
     model = TableCostModel(base_profile)
     for mode in (OverlapMode.ASYNC_OVERLAP, OverlapMode.ASYMMETRIC_PIPELINE):
@@ -453,20 +541,22 @@ def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[A
                                           and p.pipeline_split[1]) else 1) for p, _ in points]
         best = None
         serial_grid = [0.1 * k for k in range(11)] if mode is OverlapMode.ASYNC_OVERLAP else [0.0]
-        for step in range(31):
-            for serial in serial_grid:
-                adjustment = HybridAdjustment(0.0, 1.0 + 0.05 * step, serial)
-                model._hybrid[mode] = adjustment
-                bases = [predict_iteration(model, p).total for p, _ in points]
-                numerator = sum(n * (m - b) / m**2 for (_, m), b, n in zip(points, bases, jobs, strict=True))
-                denominator = sum(n * n / m**2 for (_, m), n in zip(points, jobs, strict=True))
-                adjustment = HybridAdjustment(max(0.0, numerator / denominator), adjustment.device_slowdown, serial)
-                model._hybrid[mode] = adjustment  # the pipeline's job cost sits inside a max(): re-evaluate
-                errors = [abs(predict_iteration(model, p).total - m) / m for p, m in points]
-                score = sum(e * e for e in errors)
-                if best is None or score < best[0]:
-                    best = (score, adjustment, statistics.median(errors))
+        for step in range(21):
+            for cpu_step in range(11):
+                for serial in serial_grid:
+                    adjustment = HybridAdjustment(0.0, 1.0 + 0.05 * step, serial, 1.0 + 0.1 * cpu_step)
+                    model._hybrid[mode] = adjustment
+                    bases = [predict_iteration(model, p).total for p, _ in points]
+                    numerator = sum(n * (m - b) / m**2 for (_, m), b, n in zip(points, bases, jobs, strict=True))
+                    denominator = sum(n * n / m**2 for (_, m), n in zip(points, jobs, strict=True))
+                    adjustment = dataclasses.replace(adjustment, per_job_seconds=max(0.0, numerator / denominator))
+                    model._hybrid[mode] = adjustment  # the pipeline's job cost sits inside a max(): re-evaluate
+                    errors = [abs(predict_iteration(model, p).total - m) / m for p, m in points]
+                    score = sum(e * e for e in errors)
+                    if best is None or score < best[0]:
+                        best = (score, adjustment, statistics.median(errors))
         result["modes"][mode.value] = {"device_slowdown": best[1].device_slowdown,
+                                       "cpu_slowdown": best[1].cpu_slowdown,
                                        "per_job_seconds": best[1].per_job_seconds,
                                        "serial_fraction": best[1].serial_fraction,
                                        "median_relative_error": best[2], "points": len(points)}

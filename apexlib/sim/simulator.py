@@ -480,6 +480,7 @@ def _run(scheduler: Scheduler, executor: _VirtualExecutor, workload: Workload, m
     fixed = 0.0 if measured else float(scheduler_overhead)
     timer = time.perf_counter
     trace_columns = executor.trace.columns if executor.trace is not None else None
+    step_overhead = executor.cost_model.engine_step_overhead
     pending = deque(sorted(workload.requests, key=lambda request: request.arrival_time))
     requests: dict[str, Request] = {}
     eos = model_config.eos_token_ids
@@ -523,6 +524,8 @@ def _run(scheduler: Scheduler, executor: _VirtualExecutor, workload: Workload, m
             now += timer() - started
         else:
             scheduler.update_from_output(plan, output, now)
+        if plan.sequences:
+            now += step_overhead(len(plan.sequences))  # the engine's outputs and loop (measured profiles)
         if trace_columns is not None:
             trace_columns["scheduler_seconds"].append(now - iteration_started - duration)
         if plan.is_empty:
