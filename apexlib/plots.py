@@ -73,6 +73,23 @@ def throughput_by_policy(frame: pd.DataFrame, *, x: str, title: str, caption: st
     return _finish(grid.figure, title, caption)
 
 
+def throughput_vs_parameter(frame: pd.DataFrame, *, x: str, title: str, caption: str, xlabel: str,
+                            y: str = "output_throughput", marks: Sequence[tuple[float, str]] = (),
+                            ylabel: str = "output tokens / s") -> plt.Figure:
+    """Lines: ``y`` against a swept parameter ``x``, one line per policy; ``marks`` are labelled
+    vertical lines (x, label) at reference values."""
+    fig, axis = plt.subplots(figsize=(6.8, 3.8))
+    sns.lineplot(data=frame, x=x, y=y, hue="policy", hue_order=_policy_order(frame), marker="o", ax=axis)
+    top = axis.get_ylim()[1]
+    for value, label in marks:
+        axis.axvline(value, color="grey", linestyle="--", linewidth=0.8)
+        axis.text(value, top, f" {label}", fontsize=7, va="top", ha="left", color="grey")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.0, 1.0))
+    return _finish(fig, title, caption)
+
+
 def gain_over_baseline(frame: pd.DataFrame, *, x: str, baseline: str = "gpu_only",
                        y: str = "output_throughput", by: Sequence[str] = ()) -> pd.DataFrame:
     """Throughput gain (%) of every policy over ``baseline`` at each ``x`` (and ``by``) setting."""
