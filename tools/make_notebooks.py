@@ -414,44 +414,11 @@ plots.save_figure(fig, "06-scheduler-overhead", figures_dir)'''),
 ])
 
 # ---------------------------------------------------------------------------------------------
-notebook("07-simulator-fidelity", """# 07 · Simulator fidelity
-
-The simulated figures are only as good as the simulator. Here the same workload runs through the
-real engine on this machine (device=cpu, tiny demo model, squeezed GPU tier) and through the
-simulator with this machine's measured profile (notebook 01), per policy; the table reports the
-relative error of output throughput and mean TPOT. Target: within 10%.""", '''policies = ["gpu_only", "neo", "apex"]
-num_requests = 32''', [
-    ("code", '''from apexlib.bench.runner import BenchmarkSettings
-from apexlib.bench.workloads import get_preset
-from apexlib.sim.simulator import fidelity
-
-if quick:
-    num_requests = 8
-path = results_dir / "fidelity.csv"
-if run_experiments:
-    profile_path = plots.current_profile(quick)
-    workload = get_preset("tiny-decode-heavy", num_requests=num_requests)
-    settings = BenchmarkSettings(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,
-                                 num_cpu_blocks=2048, warmup_requests=2)
-    table = fidelity(workload, settings, profile_path, policies=policies)
-    table.assign(profile=str(profile_path)).to_csv(path, index=False)
-table = pd.read_csv(path)
-display(table)'''),
-    ("code", '''error_columns = [c for c in table.columns if c.endswith("_error")]
-long = table.melt(id_vars=["policy"], value_vars=error_columns, var_name="metric", value_name="relative_error")
-import matplotlib.pyplot as plt
-import seaborn as sns
-
-fig, axis = plt.subplots(figsize=(6, 3.4))
-sns.barplot(data=long, x="policy", y="relative_error", hue="metric", ax=axis)
-axis.axhline(0.1, color="grey", linestyle="--", linewidth=0.8)
-axis.axhline(-0.1, color="grey", linestyle="--", linewidth=0.8)
-axis.set_ylabel("(simulated - measured) / measured")
-caption = plots.provenance_caption(executor="engine", source="this machine (device=cpu) vs the simulator "
-                                   f"with its profile {Path(table['profile'].iloc[0]).name}",
-                                   model="tiny demo", workload=f"tiny-decode-heavy, {num_requests} requests")
-fig = plots._finish(fig, "Simulator vs real engine", caption)
-plots.save_figure(fig, "07-simulator-fidelity", figures_dir)'''),
+notebook("07-simulator-fidelity", "# 07 · Simulator fidelity\n\nThe simulated figures are only as good as the simulator. Here the same workload runs through the\nreal engine on this machine (device=cpu, tiny demo model, squeezed GPU tier) and through the\nsimulator, per policy; the table reports the relative error of output throughput and mean TPOT.\nTarget: within 10% (`tests/test_fidelity.py` asserts it on every `make test`).\n\nThe profile is measured here, right before the runs (`fresh_profile`): this VM's speed drifts by\n5-10% over minutes, which would otherwise be counted as simulator error. The drift between this\nprofile and notebook 01's is printed next to the table.", '''policies = ["gpu_only", "neo", "apex"]
+num_requests = 32
+fresh_profile = True     # measure the profile here, right before the runs (False: notebook 01's)''', [
+    ("code", 'import statistics\n\nfrom apexlib.bench.runner import BenchmarkSettings\nfrom apexlib.bench.workloads import get_preset\nfrom apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile\nfrom apexlib.sim.simulator import fidelity\n\nif quick:\n    num_requests = 8\npath = results_dir / "fidelity.csv"\nif run_experiments:\n    profile_path = plots.current_profile(quick)\n    if fresh_profile:\n        fresh = profile_model(ProfileSettings(model=model_path or "demo", quick=quick, progress=False,\n                                              command="notebook 07 (fresh profile)"))\n        reference = json.loads(Path(profile_path).read_text())["tables"]\n        ratios = [a / b for name in ("linear", "sample")\n                  for a, b in zip(fresh["tables"][name]["seconds"], reference[name]["seconds"], strict=False) if b > 0]\n        print(f"drift since notebook 01\'s profile: linear/sample tables x{statistics.median(ratios):.3f} (median)")\n        profile_path = write_profile(fresh, results_dir / "profile.json")\n    workload = get_preset("tiny-decode-heavy", num_requests=num_requests)\n    settings = BenchmarkSettings(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,\n                                 num_cpu_blocks=2048, warmup_requests=2)\n    table = fidelity(workload, settings, profile_path, policies=policies)\n    table.assign(profile=str(profile_path)).to_csv(path, index=False)\ntable = pd.read_csv(path)\ndisplay(table[["policy", "engine_output_throughput", "sim_output_throughput", "error_output_throughput",\n               "engine_tpot_mean_s", "sim_tpot_mean_s", "error_tpot_mean_s", "iteration_error_median",\n               "engine_mode_counts", "load_average_1min"]])'),
+    ("code", 'error_columns = {"error_output_throughput": "output throughput", "error_tpot_mean_s": "mean TPOT"}\nlong = table.melt(id_vars=["policy"], value_vars=list(error_columns), var_name="metric", value_name="relative_error")\nlong["metric"] = long["metric"].map(error_columns)\nimport matplotlib.pyplot as plt\nimport seaborn as sns\n\nfig, axis = plt.subplots(figsize=(6, 3.4))\nsns.barplot(data=long, x="policy", y="relative_error", hue="metric", ax=axis)\naxis.axhline(0.1, color="grey", linestyle="--", linewidth=0.8)\naxis.axhline(-0.1, color="grey", linestyle="--", linewidth=0.8)\naxis.set_ylabel("(simulated - measured) / measured")\ncaption = plots.provenance_caption(executor="engine", source="this machine (device=cpu) vs the simulator "\n                                   f"with the profile {Path(table[\'profile\'].iloc[0]).name} measured before the runs",\n                                   model="tiny demo", workload=f"tiny-decode-heavy, {num_requests} requests")\nfig = plots._finish(fig, "Simulator vs real engine", caption)\nplots.save_figure(fig, "07-simulator-fidelity", figures_dir)'),
 ])
 
 # ---------------------------------------------------------------------------------------------
