@@ -2,8 +2,9 @@
 profile of this machine measured in the same test, throughput and mean TPOT within 10%.
 
 This is a measurement, on whatever machine runs the tests: other processes on the cores slow the
-engine but not the simulator. So the comparison is made up to twice and passes when one attempt has
-every error within the tolerance; the failure message lists every attempt with the load average.
+engine but not the simulator, and a VM's speed drifts by 5-10% over minutes. So the comparison is made
+up to three times (the third with a profile measured again) and passes when one attempt has every
+error within the tolerance; the failure message lists every attempt with the load average.
 """
 
 from __future__ import annotations
@@ -17,24 +18,31 @@ from apexlib.sim.simulator import fidelity
 
 TOLERANCE = 0.10  # relative error of output throughput and mean TPOT, per policy
 POLICIES = ("gpu_only", "neo", "apex")
-ATTEMPTS = 2
+ATTEMPTS = 3
+
+
+def measure_profile(directory):
+    """The full-grid profile of the demo model on this machine (~35 s), as notebook 01 makes it."""
+    profile = profile_model(ProfileSettings(model="demo", device="cpu", progress=False))
+    return write_profile(profile, directory / "demo.json")
 
 
 @pytest.fixture(scope="module")
 def demo_profile(tmp_path_factory):
-    """The full-grid profile of the demo model on this machine (~35 s), as notebook 01 makes it."""
-    profile = profile_model(ProfileSettings(model="demo", device="cpu", progress=False))
-    return write_profile(profile, tmp_path_factory.mktemp("profile") / "demo.json")
+    return measure_profile(tmp_path_factory.mktemp("profile"))
 
 
 @pytest.mark.slow
-def test_simulator_matches_the_engine_within_tolerance(demo_profile):
+def test_simulator_matches_the_engine_within_tolerance(demo_profile, tmp_path):
     workload = get_preset("tiny-decode-heavy", num_requests=32)
     settings = BenchmarkSettings(model=None, device="cpu", dtype="float32", num_gpu_blocks=24,
                                  num_cpu_blocks=2048, warmup_requests=2)
     attempts = []
-    for _ in range(ATTEMPTS):
-        table = fidelity(workload, settings, demo_profile, policies=list(POLICIES))
+    profile = demo_profile
+    for attempt in range(ATTEMPTS):
+        if attempt == ATTEMPTS - 1:
+            profile = measure_profile(tmp_path)  # the machine may have drifted since the first profile
+        table = fidelity(workload, settings, profile, policies=list(POLICIES))
         errors = table.set_index("policy")[["error_output_throughput", "error_tpot_mean_s", "load_average_1min"]]
         attempts.append(errors)
         # the simulator and the engine took the same decisions: the comparison is of time alone
