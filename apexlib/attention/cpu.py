@@ -33,7 +33,10 @@ Algorithm of the compiled kernel (``apexlib/kernels/paged_decode_attention*.{cpp
 
 SIMD paths: AVX-512 (F/BW/VL/DQ), AVX2+FMA+F16C, and portable scalar code, all in one build and
 picked at run time from CPUID; ``APEX_CPU_ISA=scalar|avx2|avx512`` forces one (RuntimeError if the
-CPU lacks it); :func:`selected_isa` tells which runs. ``APEX_CPU_ATTENTION=torch`` swaps the kernel
+CPU lacks it); :func:`selected_isa` tells which runs. ``APEX_CPU_ISA=amx`` (opt-in, never picked by
+default) runs bf16 KV caches on AMX-BF16 tiles with the query and the probabilities rounded to bf16
+(|error| <= 2 * 2^-8 * max|V| beyond the query rounding); on 2 SPR cores it is ~1.5x faster with K/V
+in L2 but slower than AVX-512 when K/V stream from DRAM (see ``paged_decode_attention_amx.h``). ``APEX_CPU_ATTENTION=torch`` swaps the kernel
 for :func:`paged_decode_attention_reference` (plain torch, same signature) for debugging.
 
 Performance notes (2 Sapphire Rapids cores in a VM, DRAM read ~29 GB/s with 2 threads, ~15 GB/s
@@ -71,7 +74,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "amx")
 _KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256
 
