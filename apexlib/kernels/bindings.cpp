@@ -25,8 +25,7 @@ apex::DType to_dtype(const at::Tensor& t, const char* name) {
 }
 
 apex::Isa to_isa(int64_t isa) {
-  if (isa < 0 || isa >= apex::kNumIsas)
-    throw py::value_error("isa must be 0 (scalar), 1 (avx2), 2 (avx512) or 3 (amx)");
+  if (isa < 0 || isa > 2) throw py::value_error("isa must be 0 (scalar), 1 (avx2) or 2 (avx512)");
   const auto i = static_cast<apex::Isa>(isa);
   if (!apex::cpu_supports(i)) throw std::runtime_error(std::string("this CPU does not support ISA ") + apex::isa_name(i));
   return i;
@@ -130,6 +129,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_num_threads", &apex::set_num_threads, release(), py::arg("n"), py::arg("cpu_ids"));
   m.def("get_num_threads", &apex::get_num_threads);
   m.def("get_cpu_ids", &apex::get_cpu_ids);
-  m.def("cpu_supports", [](int64_t isa) { return isa >= 0 && isa < apex::kNumIsas && apex::cpu_supports(static_cast<apex::Isa>(isa)); });
+  m.def("cpu_supports", [](int64_t isa) { return isa >= 0 && isa <= 2 && apex::cpu_supports(static_cast<apex::Isa>(isa)); });
   m.def("best_isa", [] { return static_cast<int64_t>(apex::best_isa()); });
 }

@@ -33,17 +33,13 @@
 
 #define APEX_ISA_AVX2 "avx,avx2,fma,f16c"
 #define APEX_ISA_AVX512 "avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"
-#define APEX_ISA_AMX "avx,avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"
 
 namespace apex {
 
 // Element types of tensors handed to the kernels (values match apexlib/attention/cpu.py).
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
-// Instruction-set paths (values match apexlib/attention/cpu.py). Amx is Avx512 plus AVX512_BF16 and
-// AMX-BF16 tiles for bf16 KV caches (a reduced-precision path, see paged_decode_attention_amx.h);
-// for fp32/fp16 KV, unsupported shapes and the other kernels it runs the AVX-512 code.
-enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2, Amx = 3 };
-constexpr int kNumIsas = 4;
+// Instruction-set paths (values match apexlib/attention/cpu.py).
+enum class Isa : int { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 inline size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
 

@@ -2,46 +2,12 @@
 #include <omp.h>
 #include <sched.h>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
 #include <atomic>
 #include <mutex>
 
 #include "cpu_common.h"
 
 namespace apex {
-
-namespace {
-// AMX-BF16 + AMX-TILE (CPUID 7.0 EDX bits 22, 24) and AVX512_BF16 (CPUID 7.1 EAX bit 5), tile state
-// enabled by the OS in XCR0 (bits 17, 18), and Linux's per-process permission for the tile data
-// (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), requested once). Any failure: not usable.
-bool amx_usable() {
-#if defined(__x86_64__) && defined(__linux__)
-  static const bool ok = [] {
-    if (!cpu_supports(Isa::Avx512)) return false;
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    if (!((edx >> 22) & 1u) || !((edx >> 24) & 1u)) return false;
-    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !((eax >> 5) & 1u)) return false;
-    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !((ecx >> 27) & 1u)) return false;  // OSXSAVE
-    unsigned lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if (((lo >> 17) & 3u) != 3u) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-}  // namespace
 
 bool cpu_supports(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -56,8 +22,6 @@ bool cpu_supports(Isa isa) {
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
              __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case Isa::Amx:
-      return amx_usable();
   }
   return false;
 #else
@@ -66,8 +30,6 @@ bool cpu_supports(Isa isa) {
 }
 
 Isa best_isa() {
-  // Isa::Amx is opt-in (APEX_CPU_ISA=amx): slower than AVX-512 when K/V stream from DRAM, see
-  // paged_decode_attention_amx.h.
   if (cpu_supports(Isa::Avx512)) return Isa::Avx512;
   if (cpu_supports(Isa::Avx2)) return Isa::Avx2;
   return Isa::Scalar;
@@ -81,8 +43,6 @@ const char* isa_name(Isa isa) {
       return "avx2";
     case Isa::Avx512:
       return "avx512";
-    case Isa::Amx:
-      return "amx";
   }
   return "?";
 }

@@ -193,17 +193,6 @@ constexpr int ACC = 16;
 }  // namespace avx512_isa
 APEX_TARGET_END
 
-// ------------------------------------------------------------------ AVX-512 + AMX-BF16 (bf16 KV only)
-APEX_TARGET_BEGIN(APEX_ISA_AMX)
-namespace amx_isa {
-using V = avx512_isa::V;  // inlinable here: its target is a subset of this region's
-constexpr int MAXGT = 8;
-constexpr int ACC = 16;
-#include "paged_decode_attention_body.h"
-#include "paged_decode_attention_amx.h"
-}  // namespace amx_isa
-APEX_TARGET_END
-
 // ------------------------------------------------------------------ driver
 namespace {
 
@@ -305,9 +294,7 @@ void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_thread
   const int64_t acc_elems = Hq * D;                  // per item
   const int64_t ml_elems = (2 * Hq + 15) / 16 * 16;  // per item: m then l
   const int64_t sc_elems = (step_blocks(bs, block_bytes) * bs * Hq + 2 * Hq + 15) / 16 * 16;  // scores + tmp
-  const bool amx = isa == Isa::Amx && amx_isa::amx_shape_ok(a);
-  const int64_t amx_elems = amx ? amx_isa::amx_scratch_floats(Hq, D, step_blocks(bs, block_bytes) * bs) : 0;
-  const int64_t thr_elems = sc_elems + Hq * D + amx_elems;  // per thread: scores+tmp, query, AMX scratch
+  const int64_t thr_elems = sc_elems + Hq * D;  // per thread: scores+tmp, query
   static thread_local Workspace ws;
   float* base = ws.get(static_cast<size_t>(n_items * (acc_elems + ml_elems) + nthreads * thr_elems));
   float* acc_all = base;
@@ -322,7 +309,6 @@ void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_thread
     pin_current_thread(tid);
     float* sc = thr_all + tid * thr_elems;
     float* qs = sc + sc_elems;
-    float* xs = qs + Hq * D;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t oi = 0; oi < n_items; ++oi) {
       const Item& it = items[order[oi]];
@@ -333,12 +319,6 @@ void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_thread
       float* m = ml_all + idx * ml_elems;
       float* l = m + Hq;
       switch (isa) {
-        case Isa::Amx:
-          if (amx) {
-            amx_isa::attend_amx(a, it.seq, it.b0, it.b1, qs, acc, m, l, sc, xs, pf, g_prefetch_hint, g_prefetch_stride);
-            break;
-          }
-          [[fallthrough]];
         case Isa::Avx512:
           avx512_isa::attend(a, it.seq, it.b0, it.b1, qs, acc, m, l, sc, pf, g_prefetch_hint, g_prefetch_stride);
           break;

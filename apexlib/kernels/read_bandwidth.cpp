@@ -63,7 +63,6 @@ double read_bandwidth_pass(const void* p, int64_t bytes, Isa isa, int num_thread
       const int64_t len = bytes - off < kChunk ? bytes - off : kChunk;
       switch (isa) {
         case Isa::Avx512:
-        case Isa::Amx:
           total += sum_avx512(base + off, len);
           break;
         case Isa::Avx2:
