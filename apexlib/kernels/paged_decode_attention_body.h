@@ -57,7 +57,14 @@
 // alone 0.85-0.89 of DRAM read; plus this body's V pass (no K pass) 0.66-0.70. The passes add to the
 // memory time almost serially (per core: ~18 us of DRAM time per 64-token step, ~16 us of compute in
 // cache, ~30 us measured), which is why a cheaper pass moves the ratio and MHA (a quarter of the
-// compute per byte) reaches ~0.8.
+// compute per byte) reaches ~0.8. fp32 GQA-4 (half the compute per byte of fp16/bf16, no widening)
+// reaches 0.74-0.78 on the same rows, so 0.8 for 16-bit GQA-4 needs the per-byte compute roughly
+// halved or real overlap. Not tried, estimated: AVX512_FP16 vfmadd231ph (measured 2 per cycle, 32
+// lanes) accumulating a few tokens in fp16 before an fp32 flush; the flush (2 vcvtph2ps + 2 adds per
+// accumulator) eats the saving at 4-token chains, 8-token chains cut the V pass by ~35%, i.e. ~15 %
+// of the compute, and the error grows to ~2^-8 * max|V|. Overlap (K pass of step s+1 interleaved
+// token by token with the V pass of step s, so the out-of-order window always holds independent
+// work) is the untried structural option.
 // Where the time goes (fp16, batch 32, context 4096): skipping the V pass's FMAs entirely (prefetch
 // kept) only lifts GQA-4 from 0.56 to 0.63, skipping the K pass's to 0.70; MHA (a quarter of the
 // FMAs per byte) gets 0.78-0.84. In cache, 2 threads process ~24 GB/s of GQA-4 (K/V in LLC), so
