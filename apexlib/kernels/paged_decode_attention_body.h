@@ -62,9 +62,11 @@
 // halved or real overlap. Not tried, estimated: AVX512_FP16 vfmadd231ph (measured 2 per cycle, 32
 // lanes) accumulating a few tokens in fp16 before an fp32 flush; the flush (2 vcvtph2ps + 2 adds per
 // accumulator) eats the saving at 4-token chains, 8-token chains cut the V pass by ~35%, i.e. ~15 %
-// of the compute, and the error grows to ~2^-8 * max|V|. Overlap (K pass of step s+1 interleaved
-// token by token with the V pass of step s, so the out-of-order window always holds independent
-// work) is the untried structural option.
+// of the compute, and the error grows to ~2^-8 * max|V|. Overlap, first try, not kept: the K pass of
+// step s+1 run inside the V pass of step s (one K row of G heads every few V token steps through the
+// PfCursor hook, so that the out-of-order window always holds independent work) was slower: GQA-4
+// fp16/bf16 0.50-0.54 of DRAM against 0.58-0.66 in the same session, and slower in cache (the
+// inlined K row work spills the V tile's accumulators); a register-budgeted version is untried.
 // Where the time goes (fp16, batch 32, context 4096): skipping the V pass's FMAs entirely (prefetch
 // kept) only lifts GQA-4 from 0.56 to 0.63, skipping the K pass's to 0.70; MHA (a quarter of the
 // FMAs per byte) gets 0.78-0.84. In cache, 2 threads process ~24 GB/s of GQA-4 (K/V in LLC), so
