@@ -53,8 +53,11 @@ context 1k-4k):
   Tried, no gain: 4-token x 4-head score tiles (one query load per 4 K rows), bf16 even/odd-lane
   conversion, a prefetch distance of 2-8 blocks. Without the V pass's FMAs at all GQA-4 only reaches
   ~0.63 (without the K pass's ~0.70), so 0.8 needs both passes much cheaper; with an fp32 query
-  4 FMAs per K and per V element are the floor (``vdpbf16ps`` / AMX would only fit a bf16 query,
-  and only the score pass).
+  4 FMAs per K and per V element are the floor. Tried for bf16 KV and not kept: AVX512_BF16
+  ``vdpbf16ps`` for both passes (it issues once per 2 cycles on this SPR, half the FMA rate: in
+  cache GQA-4 28.7 -> 26.4 GB/s), AMX-BF16 tiles (commit 83336e7: 1.5x faster with K/V in L2, but
+  0.47-0.60 of DRAM read against 0.57-0.64, because a tile load that waits on memory stalls the core
+  instead of letting it run ahead to the next misses).
 
 Threads: :func:`set_num_threads` (default: every CPU this process may run on), optionally pinned
 to ``cpu_ids``. The kernels release the GIL while they run.

@@ -40,6 +40,33 @@
 //   query stored permuted to match): no gain;
 // * prefetch distance of 2-8 blocks instead of one pass: no gain (GQA-4 at 32-128 KiB ahead
 //   0.57 either way).
+// Tried for bf16 KV and not kept (2 SPR cores, GQA-4 bf16, batch 8/32, context 1k/4k):
+// * AVX512_BF16 vdpbf16ps for both passes (Q.K over head_dim pairs straight from the cache, query
+//   rounded to bf16; P.V over two tokens' V rows interleaved with vpunpck[lh]wd times the bf16 pair
+//   (p_t, p_t+1)): vdpbf16ps zmm issues once per 2 cycles here (latency 8; fp32 FMA: 2 per cycle),
+//   half the multiply rate of the FMAs it replaces, so dropping the widening did not pay: in cache
+//   GQA-4 28.7 -> 26.4 GB/s (2 threads; MHA 35.4 -> 40.2).
+// * AMX-BF16 tiles (commit 83336e7, reverted; K tiles loaded straight from the cache, scores stored
+//   into sc, V re-laid into token-pair VNNI rows, probabilities rounded to bf16): 1.5x faster than
+//   this body with K/V in L2 (GQA-4, 1 thread, 16.3 -> 25.0 GB/s), but slower from DRAM: 0.47-0.52
+//   of DRAM read against 0.57-0.64; K on tiles + this body's V pass 0.50-0.57; with the prefetches
+//   issued in bursts (not in that commit) 0.55-0.60. A tile load of data that is not in cache yet,
+//   or that vector stores just wrote, stalls the core (no out-of-order run-ahead to the next misses
+//   and prefetches), so the tile path overlaps the DRAM stream worse than the FMA code it replaces.
+// Ceilings of this pipeline on the same rows (measured with the AMX variant): prefetches + softmax
+// alone 0.85-0.89 of DRAM read; plus this body's V pass (no K pass) 0.66-0.70. The passes add to the
+// memory time almost serially (per core: ~18 us of DRAM time per 64-token step, ~16 us of compute in
+// cache, ~30 us measured), which is why a cheaper pass moves the ratio and MHA (a quarter of the
+// compute per byte) reaches ~0.8. fp32 GQA-4 (half the compute per byte of fp16/bf16, no widening)
+// reaches 0.74-0.78 on the same rows, so 0.8 for 16-bit GQA-4 needs the per-byte compute roughly
+// halved or real overlap. Not tried, estimated: AVX512_FP16 vfmadd231ph (measured 2 per cycle, 32
+// lanes) accumulating a few tokens in fp16 before an fp32 flush; the flush (2 vcvtph2ps + 2 adds per
+// accumulator) eats the saving at 4-token chains, 8-token chains cut the V pass by ~35%, i.e. ~15 %
+// of the compute, and the error grows to ~2^-8 * max|V|. Overlap, first try, not kept: the K pass of
+// step s+1 run inside the V pass of step s (one K row of G heads every few V token steps through the
+// PfCursor hook, so that the out-of-order window always holds independent work) was slower: GQA-4
+// fp16/bf16 0.50-0.54 of DRAM against 0.58-0.66 in the same session, and slower in cache (the
+// inlined K row work spills the V tile's accumulators); a register-budgeted version is untried.
 // Where the time goes (fp16, batch 32, context 4096): skipping the V pass's FMAs entirely (prefetch
 // kept) only lifts GQA-4 from 0.56 to 0.63, skipping the K pass's to 0.70; MHA (a quarter of the
 // FMAs per byte) gets 0.78-0.84. In cache, 2 threads process ~24 GB/s of GQA-4 (K/V in LLC), so
