@@ -129,6 +129,12 @@ def _profile(args: argparse.Namespace) -> int:
         write_profile,
     )
 
+    if args.datasheet:
+        from apexlib.profiling.cost_model import write_datasheet_profiles
+
+        for path in write_datasheet_profiles(args.out or "data/profiles"):
+            sys.stdout.write(f"{path}\n")
+        return 0
     settings = ProfileSettings(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                                quick=args.quick, repetitions=args.repetitions, warmup=args.warmup,
                                progress=not args.no_progress,
@@ -166,7 +172,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from apexlib.bench.report import print_summary
     from apexlib.bench.runner import load_workload, write_results
-    from apexlib.profiling.cost_model import ModelShape, RooflineCostModel, TableCostModel
+    from apexlib.profiling.cost_model import ModelShape, RooflineCostModel, TableCostModel, load_cost_model
     from apexlib.sim.simulator import resolve_model, simulate
 
     model_config = resolve_model(args.model)
@@ -174,10 +180,12 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --hardware NAME (a roofline of a datasheet spec) or --profile PATH")
     dtype = args.dtype if args.dtype != "auto" else model_config.checkpoint_dtype
     if args.profile is not None:
-        cost_model = TableCostModel.from_file(args.profile)
-        profiled_device = str(cost_model.profile.get("provenance", {}).get("device", "cuda"))
+        cost_model = load_cost_model(args.profile, ModelShape.from_config(model_config), dtype)
+        profiled_device = (str(cost_model.profile.get("provenance", {}).get("device", "cuda"))
+                           if isinstance(cost_model, TableCostModel) else "cuda")
         device_kind = "cpu" if profiled_device == "cpu" else "cuda"
-        if cost_model.model_shape.to_dict() | {"name": ""} != ModelShape.from_config(model_config).to_dict() | {"name": ""}:
+        if isinstance(cost_model, TableCostModel) and \
+                cost_model.model_shape.to_dict() | {"name": ""} != ModelShape.from_config(model_config).to_dict() | {"name": ""}:
             logger.warning("profile %s was measured on model shape %s, simulating %s", args.profile,
                            cost_model.model_shape, model_config.path)
     else:
@@ -315,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="GPU-tier blocks of the check engines (small, so CPU-tier decodes happen)")
     profile.add_argument("--seed", type=int, default=0)
     profile.add_argument("--no-progress", action="store_true")
+    profile.add_argument("--datasheet", action="store_true",
+                         help="write the datasheet (roofline) profiles of every known GPU + host instead of "
+                              "measuring: data/profiles/datasheet-<hardware>.json (--out: the directory)")
     profile.set_defaults(handler=_profile)
 
     simulate = commands.add_parser(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -220,3 +221,17 @@ def test_cli_simulate_writes_rows_and_iterations(tmp_path, capsys):
     iterations = pd.read_csv(tmp_path / "sim-test" / "iterations.csv")
     assert set(iterations["policy"]) == {"gpu_only", "apex"} and len(iterations) == rows.groupby("policy")[
         "engine_iterations"].first().sum()
+
+
+def test_cli_simulate_from_a_datasheet_profile_matches_hardware(tmp_path):
+    from apexlib.cli import main
+
+    common = ["simulate", "--policy", "apex", "--workload", "t4-decode-heavy", "--model", "llama-2-7b",
+              "--gpu-kv-gib", "0.5", "--cpu-kv-gib", "4", "--num-requests", "10", "--rate", "0"]
+    profile = Path(__file__).resolve().parents[1] / "data" / "profiles" / "datasheet-t4.json"
+    assert main([*common, "--profile", str(profile), "--out", str(tmp_path), "--experiment", "a"]) == 0
+    assert main([*common, "--hardware", "t4", "--out", str(tmp_path), "--experiment", "b"]) == 0
+    columns = ["output_throughput", "engine_iterations", "duration_s"]
+    first, second = (pd.read_csv(tmp_path / name / "rows.csv").query("row_type == 'summary'")[columns]
+                     for name in ("a", "b"))
+    assert first.to_dict("records") == second.to_dict("records")

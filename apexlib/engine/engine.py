@@ -31,8 +31,8 @@ from apexlib.profiling.cost_model import (
     CostModel,
     ModelShape,
     RooflineCostModel,
-    TableCostModel,
     ZeroCostModel,
+    load_cost_model,
 )
 from apexlib.request import CompletionOutput, Request, RequestMetrics, RequestOutput, SamplingParams
 from apexlib.runner.model_runner import ModelRunner
@@ -251,7 +251,8 @@ class LLMEngine:
 
 
 def build_cost_model(spec: str | None, model_config: ModelConfig, dtype: str, device: str) -> CostModel:
-    """A profile JSON path, ``roofline:<hardware>``, or ``zero``; None: a roofline of this machine
+    """A profile JSON path (measured by `apex profile`, or a datasheet profile), ``roofline:<hardware>``,
+    or ``zero``; None: a roofline of this machine
     (device=cpu) or of the named GPU, logged as a stand-in until ``apex profile`` has been run."""
     from apexlib.profiling.hardware import get_hardware
 
@@ -263,7 +264,7 @@ def build_cost_model(spec: str | None, model_config: ModelConfig, dtype: str, de
     if spec is not None:
         if not Path(spec).is_file():
             raise FileNotFoundError(f"cost_model profile {spec!r} does not exist (make one with `apex profile`)")
-        return TableCostModel.from_file(spec)
+        return load_cost_model(spec, shape, dtype)
     if device != "cpu":
         raise ValueError("policies neo/apex on a GPU need cost_model=<profile from `apex profile`> or "
                          "'roofline:<hardware>'")

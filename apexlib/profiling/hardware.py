@@ -66,6 +66,26 @@ class HardwareSpec:
     def peak_flops(self, dtype: str) -> float:
         return self.peak_fp32_flops if dtype == "float32" else self.peak_fp16_flops
 
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "hardware") -> HardwareSpec:
+        """The inverse of :meth:`to_dict`; a missing or malformed field raises ValueError naming it."""
+        names = [k for k in cls.__dataclass_fields__ if k != "sources"]
+        missing = [k for k in names if k not in data]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        values = {}
+        for name in names:
+            kind = cls.__dataclass_fields__[name].type
+            try:
+                values[name] = int(data[name]) if kind == "int" else float(data[name]) if kind == "float" \
+                    else str(data[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}.{name}: expected a {kind}, got {data[name]!r}") from None
+        sources = data.get("sources", {})
+        if not isinstance(sources, dict):
+            raise ValueError(f"{where}.sources: expected an object of field -> source, got {sources!r}")
+        return cls(**values, sources=tuple((str(k), str(v)) for k, v in sources.items()))
+
     def to_dict(self) -> dict:
         result = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "sources"}
         result["sources"] = dict(self.sources)
