@@ -251,9 +251,9 @@ class LLMEngine:
 
 
 def build_cost_model(spec: str | None, model_config: ModelConfig, dtype: str, device: str) -> CostModel:
-    """A profile JSON path (measured by `apex profile`, or a datasheet profile), ``roofline:<hardware>``,
-    or ``zero``; None: a roofline of this machine
-    (device=cpu) or of the named GPU, logged as a stand-in until ``apex profile`` has been run."""
+    """A profile JSON path (measured by ``apex profile``, or a datasheet profile), ``roofline:<hardware>``,
+    or ``zero``; None: a roofline of this machine (device=cpu), logged as a stand-in until ``apex profile``
+    has been run."""
     from apexlib.profiling.hardware import get_hardware
 
     shape = ModelShape.from_config(model_config)
