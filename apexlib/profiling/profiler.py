@@ -363,7 +363,7 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
         tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples)
         preliminary = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
         calibration_samples, step_overhead = _calibration_runs(settings, config.max_position_embeddings, preliminary)
-        tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples + calibration_samples)
+        tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples, calibration_samples)
         intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead])
         tables["engine_step_overhead"] = {
             "seconds": max(0.0, intercept), "per_sequence_seconds": max(0.0, slope), "steps": len(step_overhead),
@@ -458,7 +458,7 @@ def _measure_hybrid(bench: _Bench, grid: dict[str, Sequence[int]], bar) -> list[
     return samples
 
 
-CALIBRATION_REQUESTS = {"quick": 16, "full": 24}
+CALIBRATION_REQUESTS = {"quick": 16, "full": 32}
 
 
 def _calibration_runs(settings: ProfileSettings, max_position_embeddings: int,
@@ -469,11 +469,12 @@ def _calibration_runs(settings: ProfileSettings, max_position_embeddings: int,
     The grid repeats one uniform batch per point; the iterations the policies build differ from it
     in what a grid does not show: contexts that differ within a batch, NEO's and APEX's own batch
     splits, a new plan every step. So ``neo`` and then ``apex`` run a seeded decode-heavy calibration
-    workload (prompts uniform 8-96, outputs 32-160 tokens, seed ``settings.seed + 1``; not a
+    workload (prompts uniform 8-96, outputs 32-192 tokens, seed ``settings.seed + 1``; not a
     benchmark preset) through the benchmark loop (``drive_engine``), deciding with the ``preliminary``
     profile (the tables plus a grid-only fit), with a GPU tier of 32 blocks so that most iterations
     are mixed. Their hybrid iterations (no prefill in them; the first two of each run dropped as
-    warm-up) join the grid's samples in the final fit. The engine's own per-step cost beyond the
+    warm-up) join the grid's samples in the final fit, with the same total weight as the grid's. The
+    engine's own per-step cost beyond the
     scheduler and the runner (output building, the driving loop) is the gap between consecutive
     steps minus scheduling, execution and the scheduler's update (``LLMEngine.step_log``)."""
     import tempfile
@@ -490,7 +491,7 @@ def _calibration_runs(settings: ProfileSettings, max_position_embeddings: int,
     model_path = resolve_model(settings.model)
     config = ModelConfig.from_pretrained(model_path)
     workload = make_workload("profile-calibration", count, Uniform(8, min(96, limit // 4)),
-                             Uniform(32, min(160, limit // 2)), seed=settings.seed + 1, max_model_len=limit)
+                             Uniform(32, min(192, limit // 2)), seed=settings.seed + 1, max_model_len=limit)
     workload = prepare_workload(workload, config.vocab_size, special_token_ids(model_path, config.vocab_size),
                                 settings.seed + 1)
     hybrid: list[tuple[Any, float]] = []
@@ -519,11 +520,15 @@ def _calibration_runs(settings: ProfileSettings, max_position_embeddings: int,
     return hybrid, overhead
 
 
-def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[Any, float]]) -> dict[str, Any]:
+def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[Any, float]],
+                engine_samples: Sequence[tuple[Any, float]] = ()) -> dict[str, Any]:
     """Per hybrid mode, the ``HybridAdjustment`` that best explains the mixed iterations given the
-    single-subtask tables (least relative squares): device slowdown s on a 0.05 grid and CPU
-    slowdown c on a 0.1 grid, both in [1, 2], serial fraction a on a 0.1 grid in [0, 1] (async overlap only), per-job
-    seconds j >= 0 fitted in closed form for each (s, c, a). See ``predict_iteration``."""
+    single-subtask tables (weighted least relative squares): device slowdown s on a 0.05 grid and CPU
+    slowdown c on a 0.1 grid, both in [1, 2], serial fraction a on a 0.1 grid in [0, 1] (async overlap
+    only), per-job seconds j >= 0 fitted in closed form for each (s, c, a). See ``predict_iteration``.
+
+    ``samples`` are the grid's iterations; ``engine_samples`` those of real engine runs, which weigh
+    as much in total as the grid's (per mode), however many there are."""
     from apexlib.engine.plan import OverlapMode
     from apexlib.profiling.cost_model import HybridAdjustment
 
@@ -534,9 +539,13 @@ def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[A
     base_profile = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
     model = TableCostModel(base_profile)
     for mode in (OverlapMode.ASYNC_OVERLAP, OverlapMode.ASYMMETRIC_PIPELINE):
-        points = [(p, m) for p, m in samples if p.mode is mode and m > 0]
+        grid = [(p, m) for p, m in samples if p.mode is mode and m > 0]
+        engine = [(p, m) for p, m in engine_samples if p.mode is mode and m > 0]
+        points = grid + engine
         if not points:
             continue
+        engine_weight = len(grid) / len(engine) if (grid and engine) else 1.0
+        weights = [1.0] * len(grid) + [engine_weight] * len(engine)
         jobs = [shape.num_layers * (2 if (mode is OverlapMode.ASYMMETRIC_PIPELINE and p.pipeline_split
                                           and p.pipeline_split[1]) else 1) for p, _ in points]
         best = None
@@ -547,19 +556,25 @@ def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[A
                     adjustment = HybridAdjustment(0.0, 1.0 + 0.05 * step, serial, 1.0 + 0.1 * cpu_step)
                     model._hybrid[mode] = adjustment
                     bases = [predict_iteration(model, p).total for p, _ in points]
-                    numerator = sum(n * (m - b) / m**2 for (_, m), b, n in zip(points, bases, jobs, strict=True))
-                    denominator = sum(n * n / m**2 for (_, m), n in zip(points, jobs, strict=True))
+                    numerator = sum(w * n * (m - b) / m**2
+                                    for (_, m), b, n, w in zip(points, bases, jobs, weights, strict=True))
+                    denominator = sum(w * n * n / m**2 for (_, m), n, w in zip(points, jobs, weights, strict=True))
                     adjustment = dataclasses.replace(adjustment, per_job_seconds=max(0.0, numerator / denominator))
                     model._hybrid[mode] = adjustment  # the pipeline's job cost sits inside a max(): re-evaluate
                     errors = [abs(predict_iteration(model, p).total - m) / m for p, m in points]
-                    score = sum(e * e for e in errors)
+                    score = sum(w * e * e for e, w in zip(errors, weights, strict=True))
                     if best is None or score < best[0]:
-                        best = (score, adjustment, statistics.median(errors))
+                        best = (score, adjustment, errors)
         result["modes"][mode.value] = {"device_slowdown": best[1].device_slowdown,
                                        "cpu_slowdown": best[1].cpu_slowdown,
                                        "per_job_seconds": best[1].per_job_seconds,
                                        "serial_fraction": best[1].serial_fraction,
-                                       "median_relative_error": best[2], "points": len(points)}
+                                       "median_relative_error": statistics.median(best[2]),
+                                       "median_relative_error_grid": (statistics.median(best[2][:len(grid)])
+                                                                      if grid else None),
+                                       "median_relative_error_engine_runs": (statistics.median(best[2][len(grid):])
+                                                                             if engine else None),
+                                       "points": len(points), "points_from_engine_runs": len(engine)}
     return result
 
 
