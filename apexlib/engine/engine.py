@@ -262,8 +262,6 @@ def build_cost_model(spec: str | None, model_config: ModelConfig, dtype: str, de
     if spec is not None and spec.startswith("roofline:"):
         return RooflineCostModel(get_hardware(spec.split(":", 1)[1]), shape, dtype)
     if spec is not None:
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"cost_model profile {spec!r} does not exist (make one with `apex profile`)")
         return load_cost_model(spec, shape, dtype)
     if device != "cpu":
         raise ValueError("policies neo/apex on a GPU need cost_model=<profile from `apex profile`> or "

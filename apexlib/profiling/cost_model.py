@@ -605,7 +605,7 @@ def load_cost_model(path: str | Path, shape: ModelShape | None = None, dtype: st
     -> :class:`TableCostModel`; a datasheet profile (``apexlib.hardware/1``) -> a roofline of ``shape``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"cost-model profile {str(path)!r} does not exist")
+        raise FileNotFoundError(f"cost_model profile {str(path)!r} does not exist (make one with `apex profile`)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:

@@ -362,7 +362,7 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
         shape = ModelShape.from_config(config, name=Path(model_path).name)
         tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples)
         preliminary = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
-        calibration_samples, step_overhead = _calibration_runs(settings, config.max_position_embeddings, preliminary)
+        calibration_samples, step_overhead = _calibration_runs(settings, model_path, config, preliminary)
         tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples, calibration_samples)
         intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead])
         tables["engine_step_overhead"] = {
@@ -461,7 +461,7 @@ def _measure_hybrid(bench: _Bench, grid: dict[str, Sequence[int]], bar) -> list[
 CALIBRATION_REQUESTS = {"quick": 16, "full": 32}
 
 
-def _calibration_runs(settings: ProfileSettings, max_position_embeddings: int,
+def _calibration_runs(settings: ProfileSettings, model_path: str, config: Any,
                       preliminary: dict[str, Any]) -> tuple[list[tuple[Any, float]], list[tuple[int, float]]]:
     """Real engine runs of the profiled policies: (mixed iterations as (shape, runner seconds),
     per-step engine overhead as (sequences in the plan, seconds)).
@@ -474,22 +474,19 @@ def _calibration_runs(settings: ProfileSettings, max_position_embeddings: int,
     profile (the tables plus a grid-only fit), with a GPU tier of 32 blocks so that most iterations
     are mixed. Their hybrid iterations (no prefill in them; the first two of each run dropped as
     warm-up) join the grid's samples in the final fit, with the same total weight as the grid's. The
-    engine's own per-step cost beyond the
-    scheduler and the runner (output building, the driving loop) is the gap between consecutive
-    steps minus scheduling, execution and the scheduler's update (``LLMEngine.step_log``)."""
+    engine's own per-step cost beyond the scheduler and the runner (output building, the driving
+    loop) is the gap between consecutive steps minus scheduling, execution and the scheduler's update
+    (``LLMEngine.step_log``). ``config`` is the ``ModelConfig`` of ``model_path``."""
     import tempfile
 
     from apexlib.bench.runner import drive_engine, prepare_workload, special_token_ids
     from apexlib.bench.workloads import Uniform, make_workload
-    from apexlib.config import ModelConfig
     from apexlib.engine.args import EngineArgs
     from apexlib.engine.engine import LLMEngine
     from apexlib.engine.plan import OverlapMode
 
     count = CALIBRATION_REQUESTS["quick" if settings.quick else "full"]
-    limit = min(max_position_embeddings, 512)
-    model_path = resolve_model(settings.model)
-    config = ModelConfig.from_pretrained(model_path)
+    limit = min(config.max_position_embeddings, 512)
     workload = make_workload("profile-calibration", count, Uniform(8, min(96, limit // 4)),
                              Uniform(32, min(192, limit // 2)), seed=settings.seed + 1, max_model_len=limit)
     workload = prepare_workload(workload, config.vocab_size, special_token_ids(model_path, config.vocab_size),
