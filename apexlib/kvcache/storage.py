@@ -2,7 +2,9 @@
 
 ``key_cache(layer)`` / ``value_cache(layer)`` are contiguous per-layer views with the layout
 ``[num_blocks, block_size, num_kv_heads, head_dim]``. The host tier is pinned where CUDA exists so
-copies to and from the device can be asynchronous. Block copies between tiers are batched: one
+copies to and from the device can be asynchronous; an unpinned host tier lies on 2 MiB pages where
+the system allows it (:mod:`apexlib.kvcache.host_memory`: fewer TLB misses for the CPU attention
+kernel's scattered block reads). Block copies between tiers are batched: one
 gather and one scatter over all layers, not one call per block.
 """
 
@@ -11,6 +13,8 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from apexlib.kvcache.host_memory import host_empty
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +26,11 @@ class KVStorage:
         self.num_blocks = num_blocks
         self.block_size = block_size
         shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
-        # torch.empty: pages are touched only when written, so a large budget costs nothing up front.
-        self.kv = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=pin_memory)
+        # Uninitialised: pages are touched only when written, so a large budget costs nothing up front.
+        if self.device.type == "cpu" and not pin_memory:
+            self.kv = host_empty(shape, dtype)
+        else:
+            self.kv = torch.empty(shape, dtype=dtype, device=self.device, pin_memory=pin_memory)
         logger.info("KV storage on %s: %d blocks x %d tokens, %.2f GiB%s", self.device, num_blocks, block_size,
                     self.kv.numel() * self.kv.element_size() / 1024**3, " (pinned)" if pin_memory else "")
 
