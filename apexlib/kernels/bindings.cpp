@@ -114,10 +114,48 @@ double read_bandwidth_pass(const at::Tensor& buf, int64_t isa, int64_t num_threa
   return apex::read_bandwidth_pass(buf.data_ptr(), buf.numel() * buf.element_size() / 512 * 512, to_isa(isa), threads);
 }
 
+double arith_stream_pass(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_tables,
+                         const at::Tensor& context_lens, int64_t num_heads, int64_t isa, int64_t num_threads) {
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "bad ranks");
+  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(key_cache.sizes() == value_cache.sizes() && key_cache.scalar_type() == value_cache.scalar_type(),
+              "key_cache and value_cache must match");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
+              "block_tables must be contiguous int32 [num_seqs, max_blocks]");
+  TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 && context_lens.is_contiguous(),
+              "context_lens must be contiguous int32 [num_seqs]");
+  const auto isa_e = to_isa(isa);
+  apex::PagedAttentionArgs a{};
+  a.num_seqs = context_lens.size(0);
+  a.num_heads = num_heads;
+  a.num_blocks = key_cache.size(0);
+  a.block_size = key_cache.size(1);
+  a.num_kv_heads = key_cache.size(2);
+  a.head_dim = key_cache.size(3);
+  a.max_blocks_per_seq = block_tables.size(1);
+  TORCH_CHECK(a.head_dim % 16 == 0, "head_dim must be a multiple of 16");
+  TORCH_CHECK(a.num_kv_heads > 0 && num_heads > 0 && num_heads % a.num_kv_heads == 0,
+              "num_heads must be a positive multiple of num_kv_heads");
+  TORCH_CHECK(block_tables.size(0) == a.num_seqs, "num_seqs mismatch");
+  TORCH_CHECK(a.block_size > 0, "block_size must be positive");
+  a.key_cache = key_cache.data_ptr();
+  a.value_cache = value_cache.data_ptr();
+  a.kv_dtype = to_dtype(key_cache, "key_cache");
+  a.block_tables = block_tables.data_ptr<int32_t>();
+  a.context_lens = context_lens.data_ptr<int32_t>();
+  const int threads = num_threads > 0 ? static_cast<int>(num_threads) : apex::get_num_threads();
+  try {
+    apex::validate_tables(a);
+    return apex::arith_stream_pass(a, isa_e, threads);
+  } catch (const apex::InputError& e) {
+    throw py::value_error(e.what());
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "apexlib CPU kernels: paged decode attention, store_kv, DRAM read probe";
+  m.doc() = "apexlib CPU kernels: paged decode attention, store_kv, DRAM read and arithmetic stream probes";
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("paged_decode_attention", &paged_decode_attention, release(), py::arg("query"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
@@ -125,6 +163,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, release(), py::arg("key"), py::arg("value"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"));
   m.def("read_bandwidth_pass", &read_bandwidth_pass, release(), py::arg("buf"), py::arg("isa"),
+        py::arg("num_threads") = 0);
+  m.def("arith_stream_pass", &arith_stream_pass, release(), py::arg("key_cache"), py::arg("value_cache"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("num_heads"), py::arg("isa"),
         py::arg("num_threads") = 0);
   m.def("set_num_threads", &apex::set_num_threads, release(), py::arg("n"), py::arg("cpu_ids"));
   m.def("get_num_threads", &apex::get_num_threads);

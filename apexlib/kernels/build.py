@@ -30,7 +30,8 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 KERNEL_DIR = Path(__file__).resolve().parent
-SOURCES = ["bindings.cpp", "cpu_runtime.cpp", "paged_decode_attention.cpp", "store_kv.cpp", "read_bandwidth.cpp"]
+SOURCES = ["bindings.cpp", "cpu_runtime.cpp", "paged_decode_attention.cpp", "store_kv.cpp", "read_bandwidth.cpp",
+           "arith_stream.cpp"]
 BASE_CFLAGS = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
 BASE_LDFLAGS = ["-fopenmp"]
 

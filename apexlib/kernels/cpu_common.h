@@ -1,7 +1,7 @@
 // Shared declarations of apexlib's CPU kernels.
 //
 // The kernel translation units (paged_decode_attention.cpp, store_kv.cpp, read_bandwidth.cpp,
-// cpu_runtime.cpp) are plain C++17 + OpenMP and do not include any torch header: they take raw
+// arith_stream.cpp, cpu_runtime.cpp) are plain C++17 + OpenMP and do not include any torch header: they take raw
 // pointers and sizes, so they compile in about a second each. Only bindings.cpp includes
 // <torch/extension.h>; it validates tensors and calls into the functions declared here.
 //
@@ -135,5 +135,12 @@ void store_kv(const StoreKVArgs& a, int num_threads);
 // ---- DRAM read bandwidth probe (read_bandwidth.cpp) ----
 // Reads `bytes` bytes at p (a multiple of 64) with `num_threads` threads; returns a checksum.
 double read_bandwidth_pass(const void* p, int64_t bytes, Isa isa, int num_threads);
+
+// ---- minimum-arithmetic stream probe (arith_stream.cpp) ----
+// Reads every valid K and V element of the paged context once (the kernel's work split), widens it
+// to fp32 and does num_heads / num_kv_heads FMAs with it; returns a checksum (see arith_stream.cpp).
+// Uses key_cache, value_cache, kv_dtype, block_tables, context_lens and the sizes; query, out and
+// scale are ignored. Call validate_tables first. Throws InputError for a group size above 256.
+double arith_stream_pass(const PagedAttentionArgs& a, Isa isa, int num_threads);
 
 }  // namespace apex
