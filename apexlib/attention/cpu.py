@@ -338,3 +338,60 @@ def store_kv(
 def read_bandwidth_pass(buf: torch.Tensor, num_threads: int | None = None) -> float:
     """Stream-read ``buf`` once with the kernels' threads and ISA (for the DRAM bandwidth probe)."""
     return float(_ext().read_bandwidth_pass(buf, _isa_index(), int(num_threads or 0)))
+
+
+def arith_stream_pass(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    num_heads: int,
+    num_threads: int | None = None,
+) -> float:
+    """Minimum-arithmetic stream over a paged K/V cache: a probe for the benchmark, not attention.
+
+    Reads every valid K and V element of each sequence's context once (``context_lens[s]`` tokens,
+    blocks from ``block_tables``, all KV heads of each token row), with the kernel's work split,
+    threads and ISA and a software prefetch one line per line consumed, 16 KiB ahead
+    (``APEX_ARITH_STREAM_PREFETCH_BYTES``), widens it to fp32 and does ``G = num_heads //
+    num_kv_heads`` fp32 FMAs with it: the work decode attention cannot avoid, without the softmax.
+    Its time is what the benchmark's ``arith_stream_gbps`` reports.
+
+    Returns a checksum: the sum over all valid K and V elements ``x`` of ``x * sum_g q_g[j]``, with
+    ``q_g[j] = (8 * g + j + 1) / 64`` for ``g < G`` and ``j`` the element's index in its token row
+    mod 8 (accumulated in fp32 per work item and summed over items in a fixed order: deterministic for
+    a given thread count, and within ~1e-6 of a float64 reference relative to the sum of
+    ``|x| * sum_g q_g[j]``). Raises ValueError naming the argument for bad shapes, dtypes,
+    context lengths or block ids.
+    """
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("block_tables", block_tables),
+                    ("context_lens", context_lens)):
+        if not isinstance(t, torch.Tensor):
+            _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            _fail(name, f"must be on the CPU, got {t.device}")
+    if key_cache.dim() != 4:
+        _fail("key_cache", f"expected [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(key_cache.shape)}")
+    if key_cache.dtype not in _KV_DTYPES:
+        _fail("key_cache", f"dtype must be float32, float16 or bfloat16, got {key_cache.dtype}")
+    if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
+        _fail("value_cache", f"must match key_cache {tuple(key_cache.shape)} {key_cache.dtype}, "
+              f"got {tuple(value_cache.shape)} {value_cache.dtype}")
+    _, block_size, num_kv_heads, head_dim = key_cache.shape
+    if head_dim % 16 != 0 or block_size < 1:
+        _fail("key_cache", f"head_dim must be a multiple of 16 and block_size >= 1, got {tuple(key_cache.shape)}")
+    if not isinstance(num_heads, int) or num_heads < 1 or num_heads % max(num_kv_heads, 1) != 0:
+        _fail("num_heads", f"must be a positive multiple of num_kv_heads {num_kv_heads}, got {num_heads!r}")
+    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if not t.is_contiguous():
+            _fail(name, "must be contiguous")
+    if context_lens.dtype != torch.int32 or context_lens.dim() != 1 or not context_lens.is_contiguous():
+        _fail("context_lens", f"expected contiguous int32 [num_seqs], got {context_lens.dtype} "
+              f"{tuple(context_lens.shape)}")
+    num_seqs = context_lens.shape[0]
+    if (block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs
+            or not block_tables.is_contiguous()):
+        _fail("block_tables", f"expected contiguous int32 [num_seqs={num_seqs}, max_blocks_per_seq], got "
+              f"{block_tables.dtype} {tuple(block_tables.shape)}")
+    return float(_ext().arith_stream_pass(key_cache, value_cache, block_tables, context_lens, int(num_heads),
+                                          _isa_index(), int(num_threads or 0)))
