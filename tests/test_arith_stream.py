@@ -1,4 +1,4 @@
-"""The minimum-arithmetic stream probe (apexlib.attention.cpu.arith_stream_pass).
+"""The minimum-arithmetic stream probe (apexlib.attention.cpu.arith_stream_pass) and its benchmark columns.
 
 The probe's checksum is sum over every valid K and V element x of x * sum_g q_g[j], where
 q_g[j] = (8 g + j + 1) / 64 for the G = num_heads / num_kv_heads heads of a group and j is the
@@ -9,6 +9,8 @@ that scale; TOL = 2e-6 still catches a single skipped 16-element group of the lo
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -146,3 +148,27 @@ def test_bad_inputs_name_the_field(mutate, field):
     with pytest.raises(ValueError, match=field):
         cpu.arith_stream_pass(*args)
 
+
+def test_bench_writes_arith_stream_fields(tmp_path):
+    from apexlib.cli import main
+
+    path = tmp_path / "rows.json"
+    assert main(["bench", "cpu-attention", "--quick", "--no-sdpa", "--no-progress", "--json", str(path),
+                 "--repeats", "5", "--batches", "1", "--contexts", "128", "--dram-gib", "0.0625"]) == 0
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert {r["model"] for r in rows} == {"llama-2-7b", "llama-3.1-8b"}
+    assert data["meta"]["arith_stream"] is True and "arith_stream" in data["meta"]["note"]
+    for r in rows:
+        assert r["arith_stream_gbps"] > 0 and r["arith_stream_seconds"] > 0
+        assert r["arith_stream_ratio_to_dram"] == pytest.approx(r["arith_stream_gbps"] / r["dram_read_gbps"])
+        assert r["kernel_vs_arith_stream"] == pytest.approx(r["achieved_gbps"] / r["arith_stream_gbps"])
+        assert r["torch_sdpa_gbps"] is None and r["achieved_gbps"] > 0 and r["ratio_to_dram"] > 0
+
+    path2 = tmp_path / "rows2.json"
+    assert main(["bench", "cpu-attention", "--quick", "--no-sdpa", "--no-arith-stream", "--no-progress",
+                 "--json", str(path2), "--repeats", "5", "--models", "llama-3.1-8b", "--batches", "1",
+                 "--contexts", "128", "--dram-gib", "0.0625"]) == 0
+    (row,) = json.loads(path2.read_text())["rows"]
+    assert row["arith_stream_gbps"] is None and row["kernel_vs_arith_stream"] is None
+    assert row["achieved_gbps"] > 0

@@ -334,7 +334,8 @@ def test_bench_quick_rows(tmp_path):
     rows = data["rows"] if isinstance(data, dict) else data
     assert rows
     fields = {"kv_dtype", "batch", "context_len", "num_heads", "num_kv_heads", "seconds", "achieved_gbps",
-              "dram_read_gbps", "ratio_to_dram", "torch_sdpa_gbps", "kernel_vs_sdpa", "threads", "isa", "cpu_model"}
+              "dram_read_gbps", "ratio_to_dram", "torch_sdpa_gbps", "kernel_vs_sdpa", "threads", "isa", "cpu_model",
+              "arith_stream_gbps", "arith_stream_ratio_to_dram", "kernel_vs_arith_stream"}
     for row in rows:
         assert fields <= set(row), fields - set(row)
         assert row["seconds"] > 0 and row["achieved_gbps"] > 0 and row["dram_read_gbps"] > 0

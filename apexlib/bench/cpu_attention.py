@@ -1,6 +1,6 @@
 """Benchmark: CPU paged decode attention vs this machine's DRAM read bandwidth and torch SDPA.
 
-``apex bench cpu-attention [--quick] [--threads N] [--repeats N] [--json PATH]``
+``apex bench cpu-attention [--quick] [--threads N] [--repeats N] [--no-arith-stream] [--json PATH]``
 
 For every row of the grid (KV dtype x model shape x batch x context length) it measures, in the
 same process and with the same threads:
@@ -10,6 +10,13 @@ same process and with the same threads:
 * ``seconds``: median time of the compiled kernel (apexlib.attention.cpu.paged_decode_attention);
   the DRAM read is measured again after it, and the row is re-measured (``--attempts``, default 4)
   while either DRAM figure is below 90% of the run's best (other processes busy on the cores);
+* ``arith_stream_gbps``: right after the kernel, on the same rotating KV sets and threads, the
+  minimum-arithmetic stream (apexlib.attention.cpu.arith_stream_pass): every K and V element read
+  once in the kernel's work order, widened to fp32 and used in G = num_heads / num_kv_heads fp32
+  FMAs (the arithmetic decode attention cannot avoid), with a T1 software prefetch per line,
+  without softmax; ``arith_stream_ratio_to_dram`` = arith_stream_gbps / dram_read_gbps (how far the
+  machine's floor is from raw DRAM) and ``kernel_vs_arith_stream`` = achieved_gbps /
+  arith_stream_gbps (how close the kernel is to that floor); ``--no-arith-stream`` skips it (None);
 * ``torch_sdpa_gbps``: gather the paged K/V with torch indexing, then
   ``torch.nn.functional.scaled_dot_product_attention`` (enable_gqa for GQA).
 
@@ -147,6 +154,12 @@ def _kernel_call(r: int, *, query, kc, vc, tables, lens, out) -> None:
     cpu.paged_decode_attention(query, kc, vc, tables[r % tables.shape[0]], lens, out=out)
 
 
+def _arith_stream_call(r: int, *, kc, vc, tables, lens, num_heads: int) -> None:
+    from apexlib.attention import cpu
+
+    cpu.arith_stream_pass(kc, vc, tables[r % tables.shape[0]], lens, num_heads)
+
+
 def _sdpa_call(r: int, *, q4, kc, vc, tables, ctx: int) -> None:
     sdpa_paged(q4, kc, vc, tables[r % tables.shape[0]], ctx)
 
@@ -161,7 +174,7 @@ def measure_dram(buf: torch.Tensor, threads: int, repeats: int) -> tuple[float, 
 
 def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int, dram_bytes: int,
         sdpa: bool = True, progress: bool = True, attempts: int = 4,
-        quiet_fraction: float = 0.9) -> tuple[dict, list[dict]]:
+        quiet_fraction: float = 0.9, arith_stream: bool = True) -> tuple[dict, list[dict]]:
     from rich.progress import Progress
 
     from apexlib.attention import cpu
@@ -184,8 +197,15 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
         "repeats": repeats,
         "note": "seconds = median over repeats; repetitions rotate among KV sets totalling > 2x LLC; "
                 "GB/s = K+V bytes / time (1e9 bytes); a row is re-measured (attempts) while the DRAM read "
-                "before or after it is below quiet_fraction of the run's best DRAM figure",
+                "before or after it is below quiet_fraction of the run's best DRAM figure; "
+                "arith_stream_gbps = the same K+V bytes / median time of the minimum-arithmetic stream "
+                "(each K/V element read once in the kernel's work order, widened to fp32, G = heads / kv_heads "
+                "fp32 FMAs, T1 prefetch per line, no softmax) on the same KV sets right after the kernel; "
+                "arith_stream_ratio_to_dram = arith_stream_gbps / dram_read_gbps, kernel_vs_arith_stream = "
+                "achieved_gbps / arith_stream_gbps",
         "quiet_fraction": quiet_fraction,
+        "arith_stream": arith_stream,
+        "arith_stream_prefetch_bytes": int(os.environ.get("APEX_ARITH_STREAM_PREFETCH_BYTES", 16 * 1024)),
         "transparent_huge_pages": thp_mode(),
     }
     # the reference read runs on 2 MiB pages too (where possible): the best this machine reads
@@ -240,17 +260,25 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
                 seconds, best = _median_time(
                     functools.partial(_kernel_call, query=query, kc=kc, vc=vc, tables=tables, lens=lens, out=out),
                     max(repeats, 5))
+                stream_seconds = None
+                if arith_stream:
+                    cpu.arith_stream_pass(kc, vc, tables[nsets - 1], lens, heads)  # warm-up
+                    stream_seconds, _ = _median_time(
+                        functools.partial(_arith_stream_call, kc=kc, vc=vc, tables=tables, lens=lens,
+                                          num_heads=heads),
+                        max(repeats, 5))
                 dram_after, _ = measure_dram(dram_buf, threads, 3)
                 dram_ref = max(dram_ref, dram_before, dram_after)
                 quality = min(dram_before, dram_after)
                 if pick is None or quality > pick[0]:
-                    pick = (quality, dram_before, seconds, best, attempt)
+                    pick = (quality, dram_before, seconds, best, attempt, stream_seconds)
                 if quality >= quiet_fraction * dram_ref:
                     break
                 log.info("%s %s batch=%d ctx=%d: DRAM %.1f GB/s < %.0f%% of %.1f (cores busy?), attempt %d/%d",
                          dt_name, model, batch, ctx, quality, 100 * quiet_fraction, dram_ref, attempt, attempts)
-            _, dram, seconds, best, attempt = pick
+            _, dram, seconds, best, attempt, stream_seconds = pick
             achieved = set_bytes / seconds / 1e9
+            stream_gbps = set_bytes / stream_seconds / 1e9 if stream_seconds else None
 
             sdpa_gbps = None
             if sdpa:
@@ -282,6 +310,10 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
                 "ratio_to_dram": achieved / dram,
                 "torch_sdpa_gbps": sdpa_gbps,
                 "kernel_vs_sdpa": achieved / sdpa_gbps if sdpa_gbps else None,
+                "arith_stream_seconds": stream_seconds,
+                "arith_stream_gbps": stream_gbps,
+                "arith_stream_ratio_to_dram": stream_gbps / dram if stream_gbps else None,
+                "kernel_vs_arith_stream": achieved / stream_gbps if stream_gbps else None,
                 "threads": threads,
                 "isa": isa,
                 "cpu_model": meta["cpu_model"],
@@ -298,7 +330,8 @@ def print_table(meta: dict, rows: list[dict]) -> None:
 
     t = Table(title=f"CPU paged decode attention — {meta['cpu_model']}, {meta['threads']} threads, "
               f"isa {meta['isa']}, block {meta['block_size']}; DRAM read {meta['dram_read_gbps_start']:.1f} GB/s")
-    for col in ("kv", "model", "batch", "ctx", "ms", "GB/s", "DRAM GB/s", "ratio", "SDPA GB/s", "vs SDPA"):
+    for col in ("kv", "model", "batch", "ctx", "ms", "GB/s", "DRAM GB/s", "ratio", "stream GB/s", "vs stream",
+                "SDPA GB/s", "vs SDPA"):
         t.add_column(col, justify="right")
     for r in rows:
         ratio = r["ratio_to_dram"]
@@ -306,6 +339,8 @@ def print_table(meta: dict, rows: list[dict]) -> None:
         t.add_row(
             r["kv_dtype"], r["model"], str(r["batch"]), str(r["context_len"]), f"{r['seconds'] * 1e3:.3f}",
             f"{r['achieved_gbps']:.1f}", f"{r['dram_read_gbps']:.1f}", f"[{style}]{ratio:.2f}[/{style}]",
+            "-" if r.get("arith_stream_gbps") is None else f"{r['arith_stream_gbps']:.1f}",
+            "-" if r.get("kernel_vs_arith_stream") is None else f"{r['kernel_vs_arith_stream']:.2f}",
             "-" if r["torch_sdpa_gbps"] is None else f"{r['torch_sdpa_gbps']:.2f}",
             "-" if r["kernel_vs_sdpa"] is None else f"{r['kernel_vs_sdpa']:.1f}x",
         )
@@ -326,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pool-gib", type=float, default=None, help="K+V pool size (default: min(6, 40%% of free RAM))")
     p.add_argument("--dram-gib", type=float, default=None, help="DRAM probe buffer (default 2, quick 0.25)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA baseline")
+    p.add_argument("--no-arith-stream", action="store_true",
+                   help="skip the minimum-arithmetic stream probe (arith_stream_* fields become null)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--attempts", type=int, default=4,
                    help="re-measure a row up to this many times while the DRAM figure is depressed (busy cores)")
@@ -355,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     meta, rows = run(grid, args.threads, args.repeats, args.block_size, pool, dram, sdpa=not args.no_sdpa,
-                     progress=not args.no_progress, attempts=max(1, args.attempts))
+                     progress=not args.no_progress, attempts=max(1, args.attempts),
+                     arith_stream=not args.no_arith_stream)
     print_table(meta, rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
