@@ -339,3 +339,27 @@ def test_bench_quick_rows(tmp_path):
     for row in rows:
         assert fields <= set(row), fields - set(row)
         assert row["seconds"] > 0 and row["achieved_gbps"] > 0 and row["dram_read_gbps"] > 0
+
+
+def test_bench_summary_of_target_rows():
+    from apexlib.bench.cpu_attention import summarize
+
+    def row(model, dt, batch, ctx, ratio, stream=None, sdpa=None):
+        return {"model": model, "kv_dtype": dt, "batch": batch, "context_len": ctx, "ratio_to_dram": ratio,
+                "arith_stream_ratio_to_dram": stream, "kernel_vs_arith_stream": None if stream is None else ratio / stream,
+                "kernel_vs_sdpa": sdpa}
+
+    rows = [
+        row("mha", "fp16", 8, 1024, 0.82, 0.9, 5.0),
+        row("mha", "bf16", 32, 4096, 0.78, 0.95, 7.0),
+        row("mha", "fp16", 1, 4096, 0.10, 0.2, 1.0),   # batch 1: not a target row
+        row("mha", "fp16", 32, 128, 0.20, 0.3, 1.0),   # short context: not a target row
+        row("mha", "fp32", 32, 4096, 0.95, 0.97, 2.0),  # fp32: not a target row
+        row("gqa", "fp16", 8, 1024, 0.55),
+    ]
+    summary = {e["model"]: e for e in summarize(rows)}
+    assert summary["mha"]["rows"] == 2 and summary["mha"]["rows_at_target"] == 1
+    assert summary["mha"]["ratio_to_dram"] == (0.78, 0.82)
+    assert summary["mha"]["arith_stream_ratio_to_dram"] == (0.9, 0.95)
+    assert summary["mha"]["kernel_vs_sdpa"] == (5.0, 7.0)
+    assert summary["gqa"]["rows_at_target"] == 0 and summary["gqa"]["arith_stream_ratio_to_dram"] is None

@@ -108,10 +108,12 @@ void store_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_ca
   }
 }
 
-double read_bandwidth_pass(const at::Tensor& buf, int64_t isa, int64_t num_threads) {
+double read_bandwidth_pass(const at::Tensor& buf, int64_t isa, int64_t num_threads, int64_t variant) {
   TORCH_CHECK(buf.is_contiguous(), "buffer must be contiguous");
+  if (variant < 0 || variant > 1) throw py::value_error("variant must be 0 (wide loads) or 1 (widening loads)");
   const int threads = num_threads > 0 ? static_cast<int>(num_threads) : apex::get_num_threads();
-  return apex::read_bandwidth_pass(buf.data_ptr(), buf.numel() * buf.element_size() / 512 * 512, to_isa(isa), threads);
+  return apex::read_bandwidth_pass(buf.data_ptr(), buf.numel() * buf.element_size() / 512 * 512, to_isa(isa), threads,
+                                   static_cast<int>(variant));
 }
 
 double arith_stream_pass(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_tables,
@@ -163,7 +165,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("store_kv", &store_kv, release(), py::arg("key"), py::arg("value"), py::arg("key_cache"),
         py::arg("value_cache"), py::arg("slot_mapping"));
   m.def("read_bandwidth_pass", &read_bandwidth_pass, release(), py::arg("buf"), py::arg("isa"),
-        py::arg("num_threads") = 0);
+        py::arg("num_threads") = 0, py::arg("variant") = 0);
   m.def("arith_stream_pass", &arith_stream_pass, release(), py::arg("key_cache"), py::arg("value_cache"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("num_heads"), py::arg("isa"),
         py::arg("num_threads") = 0);

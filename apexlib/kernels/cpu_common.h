@@ -133,8 +133,9 @@ struct StoreKVArgs {
 void store_kv(const StoreKVArgs& a, int num_threads);
 
 // ---- DRAM read bandwidth probe (read_bandwidth.cpp) ----
-// Reads `bytes` bytes at p (a multiple of 64) with `num_threads` threads; returns a checksum.
-double read_bandwidth_pass(const void* p, int64_t bytes, Isa isa, int num_threads);
+// Reads `bytes` bytes at p (a multiple of 512) with `num_threads` threads; returns a checksum.
+// variant 0: widest loads summed; 1: fp16 halves widened to fp32 and summed (see read_bandwidth.cpp).
+double read_bandwidth_pass(const void* p, int64_t bytes, Isa isa, int num_threads, int variant);
 
 // ---- minimum-arithmetic stream probe (arith_stream.cpp) ----
 // Reads every valid K and V element of the paged context once (the kernel's work split), widens it

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 from dataclasses import dataclass, field, replace
 
 logger = logging.getLogger(__name__)
@@ -192,20 +191,18 @@ def get_hardware(name: str) -> HardwareSpec:
 
 
 def measure_dram_read_gbps(num_threads: int | None = None, megabytes: int = 256, repetitions: int = 5) -> float:
-    """Median DRAM read bandwidth (GB/s) from the CPU-attention kernels' bandwidth probe (needs torch)."""
+    """Median DRAM read bandwidth (GB/s) of the faster read loop of the CPU kernels' probe (needs torch).
+
+    The buffer lies on 2 MiB pages where possible, like the CPU KV tier (apexlib.kvcache.host_memory).
+    """
     import torch
 
     from apexlib.attention import cpu as cpu_attention
+    from apexlib.kvcache.host_memory import host_empty
 
-    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
-    cpu_attention.read_bandwidth_pass(buffer, num_threads)  # warm-up: fault the pages in
-    seconds = []
-    for _ in range(repetitions):
-        started = time.perf_counter()
-        cpu_attention.read_bandwidth_pass(buffer, num_threads)
-        seconds.append(time.perf_counter() - started)
-    seconds.sort()
-    return buffer.numel() * 4 / seconds[len(seconds) // 2] / GB
+    buffer = host_empty((megabytes * 2**20 // 4,), torch.float32).fill_(1.0)
+    median, _, _ = cpu_attention.measure_read_bandwidth(buffer, num_threads, repetitions)
+    return median
 
 
 def this_machine(dram_gbps: float | None = None) -> HardwareSpec:
@@ -223,7 +220,7 @@ def this_machine(dram_gbps: float | None = None) -> HardwareSpec:
     if dram_gbps is None:
         try:
             dram_gbps = measure_dram_read_gbps()
-            dram_source = measured + " with apexlib.attention.cpu.read_bandwidth_pass (median of 5, 256 MiB)"
+            dram_source = measured + " with apexlib.attention.cpu.measure_read_bandwidth (faster loop, median of 5, 256 MiB)"
         except (ImportError, RuntimeError, OSError) as error:
             logger.warning("DRAM probe unavailable (%s); assuming 25 GB/s", error)
             dram_gbps, dram_source = 25.0, "ASSUMPTION: 25 GB/s (docs/paper notes: ~25 GB/s read on 2 cores)"
