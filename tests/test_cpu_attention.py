@@ -102,6 +102,15 @@ def test_gqa4_multi_block_steps(isa, kv_dtype):
     check(make_inputs([1, 16, 63, 64, 65, 129, 200], 32, 8, 128, 16, kv_dtype))
 
 
+@pytest.mark.parametrize(("kv_dtype", "block_size"), [(torch.float16, 64), (torch.float32, 16), (torch.float32, 9)],
+                         ids=["fp16-bs64", "fp32-bs16", "fp32-bs9"])
+def test_blocks_bigger_than_a_step(isa, kv_dtype, block_size):
+    # MHA rows of 8-16 KiB: blocks of 144-512 KiB of K are cut into slices of <= 128 KiB per softmax
+    # step (16, 8 and 3 rows here), with lengths around slice and block boundaries
+    lens = [1, 3, 8, 9, 17, block_size - 1, block_size + 1, 2 * block_size + 5, 150]
+    check(make_inputs(lens, 32, 32, 128, block_size, kv_dtype))
+
+
 def test_scale_and_out(isa):
     args = make_inputs([3, 40], 4, 2, 64, 16, torch.float32)
     out = torch.empty_like(args[0])

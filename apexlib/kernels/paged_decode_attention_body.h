@@ -8,8 +8,9 @@
 //
 // One call of `attend` processes blocks [b0, b1) of one sequence for every head and leaves the
 // unnormalised partial result (acc, running max m, running sum l; base-2 exponent domain) for the
-// driver to merge (flash-decoding). It works in steps of step_blocks() consecutive table entries
-// (up to 64 tokens and 128 KiB of K; one block for MHA-sized blocks). Per step:
+// driver to merge (flash-decoding). It works in steps of step_segs() segments (runs of token rows
+// inside one block: whole blocks, or slices of blocks with more than 128 KiB of K), up to 64 tokens
+// and 128 KiB of K per step (one 16-token block for MHA). Per step:
 //   1. K pass, block by block in memory order (token t, kv head h): the K row (t, h) is loaded and
 //      converted to fp32 once and FMA'd against the G query heads of h's group (query in L1, tiles
 //      of up to MAXGT heads). The W-lane partial dot products are collected W at a time and reduced
@@ -121,16 +122,15 @@ struct PfCursor {
   }
 };
 
-// PfCursor over several scattered blocks (the next step's K blocks), in table order.
+// PfCursor over several scattered segments (the next step's K runs), in table order.
 struct PfBlocks {
   PfCursor c;
-  const char* base = nullptr;
-  const int32_t* ids = nullptr;
-  int64_t n = 0, i = 0, block_bytes = 0;
+  const char* const* ptrs = nullptr;
+  int64_t n = 0, i = 0, seg_bytes = 0;
   inline void next() {
     if (c.p >= c.end && i < n) {
-      c.p = base + ids[i] * block_bytes;
-      c.end = c.p + block_bytes;
+      c.p = ptrs[i];
+      c.end = c.p + seg_bytes;
       ++i;
     }
   }
@@ -357,6 +357,27 @@ static inline void softmax_block(float* sc, int64_t nt, int64_t Hq, float* m, fl
   for (i = 0; i < Hq; ++i) l[i] += sum[i];
 }
 
+// The segments of one step: token rows [tok, tok + nt) of the sequence, in runs of st rows that
+// never cross a block (st divides the block size).
+struct Step {
+  const char* k[kMaxStepSegs];
+  const char* v[kMaxStepSegs];
+  int64_t n = 0, nt = 0;
+};
+
+static inline void plan_step(Step& s, int64_t tok, int64_t tok_end, int64_t st, int64_t segs, const int32_t* bt,
+                             int64_t bs, int64_t block_bytes, int64_t row_bytes, const char* kbase,
+                             const char* vbase) {
+  s.nt = min_i64(segs * st, tok_end - tok);
+  s.n = (s.nt + st - 1) / st;
+  for (int64_t j = 0; j < s.n; ++j) {
+    const int64_t t = tok + j * st;
+    const int64_t off = bt[t / bs] * block_bytes + (t % bs) * row_bytes;
+    s.k[j] = kbase + off;
+    s.v[j] = vbase + off;
+  }
+}
+
 template <int DT>
 static void attend_impl(const PagedAttentionArgs& a, int64_t seq, int64_t b0, int64_t b1, const float* qs,
                         float* acc, float* m, float* l, float* sc, int64_t pf, int hint, int64_t pstride) {
@@ -367,7 +388,7 @@ static void attend_impl(const PagedAttentionArgs& a, int64_t seq, int64_t b0, in
   const char* kbase = static_cast<const char*>(a.key_cache);
   const char* vbase = static_cast<const char*>(a.value_cache);
   const int32_t* bt = a.block_tables + seq * a.max_blocks_per_seq;
-  float* tmp = sc + step_blocks(bs, block_bytes) * bs * Hq;
+  float* tmp = sc + step_tokens(bs, row_bytes) * Hq;
   const int64_t pv_steps_per = pv_steps_per_token(G, D);
 
   for (int64_t i = 0; i < Hq * D; ++i) acc[i] = 0.f;
@@ -376,34 +397,32 @@ static void attend_impl(const PagedAttentionArgs& a, int64_t seq, int64_t b0, in
     l[i] = 0.f;
   }
   // Software prefetch as a two-stage pipeline that keeps two sequential streams going: while the K
-  // rows of block b are consumed, V of block b is prefetched (row order); while V of block b is
-  // consumed, K of the next block in the table is prefetched (contiguous slices, one per kv head).
-  // One online-softmax step covers gb blocks (>= kStepTokens tokens for small blocks): the softmax
-  // and the read-modify-write of acc at the end of each V pass cost the same per step whatever
-  // the block size, which with 16-token blocks of GQA heads was a large share of the work.
-  const int64_t gb = step_blocks(bs, block_bytes);
-  const char* vb[kMaxStepBlocks];
-  for (int64_t j = b0; j < min_i64(b0 + gb, b1); ++j)
-    if (pf > 0) prefetch_range(kbase + bt[j] * block_bytes, block_bytes, hint, pstride);
+  // rows of a step are consumed, its V rows are prefetched (row order); while V is consumed, K of
+  // the next step's segments is prefetched (contiguous runs, scattered over the pool).
+  // One online-softmax step covers up to kStepTokens tokens / kStepBytes of K (several small blocks,
+  // or a slice of a big one): the softmax and the read-modify-write of acc at the end of each V
+  // pass cost the same per step whatever its size, which with 16-token blocks of GQA heads was a
+  // large share of the work.
+  const int64_t st = seg_tokens(bs, row_bytes), segs = step_segs(bs, row_bytes);
+  const int64_t tok_end = min_i64(b1 * bs, ctx);
+  const bool do_pf = pf > 0;
+  Step cur, nxt;
+  plan_step(cur, b0 * bs, tok_end, st, segs, bt, bs, block_bytes, row_bytes, kbase, vbase);
+  if (do_pf)
+    for (int64_t j = 0; j < cur.n; ++j) prefetch_range(cur.k[j], st * row_bytes, hint, pstride);
 
   Pending pend;
-  for (int64_t s0 = b0; s0 < b1; s0 += gb) {
-    const int64_t nb = min_i64(gb, b1 - s0);
-    const int64_t nt = min_i64(ctx - s0 * bs, nb * bs);  // tokens of this step
-    const bool do_pf = pf > 0;
+  for (int64_t tok = b0 * bs; tok < tok_end; tok += segs * st) {
+    const int64_t nt = cur.nt;  // tokens of this step
 
-    // 1. scores sc[t][h * G + g], block by block (V of each block prefetched during its K pass)
+    // 1. scores sc[t][h * G + g], segment by segment (V rows prefetched during the K pass)
     pend.n = 0;
     pend.dst = sc;
-    for (int64_t j = 0; j < nb; ++j) {
-      const int64_t pb = bt[s0 + j];
-      const char* kblk = kbase + pb * block_bytes;
-      const char* vblk = vbase + pb * block_bytes;
-      vb[j] = vblk;
-      const int64_t ntb = min_i64(nt - j * bs, bs);
+    for (int64_t j = 0; j < cur.n; ++j) {
+      const int64_t ntb = min_i64(nt - j * st, st);
       for (int64_t t = 0; t < ntb; ++t) {
-        const char* krow = kblk + t * row_bytes;
-        const char* vrow = vblk + t * row_bytes;
+        const char* krow = cur.k[j] + t * row_bytes;
+        const char* vrow = cur.v[j] + t * row_bytes;
         for (int64_t h = 0; h < Hkv; ++h) {
           if (do_pf) prefetch_range(vrow + h * head_bytes, head_bytes, hint, pstride);
           qk_group<DT>(krow + h * head_bytes, qs + h * G * D, G, D, pend);
@@ -414,26 +433,28 @@ static void attend_impl(const PagedAttentionArgs& a, int64_t seq, int64_t b0, in
     // 2. online softmax, once per step
     softmax_block(sc, nt, Hq, m, l, acc, D, tmp);
     // 3. probabilities x V, per kv head with the group's output columns in registers; the next
-    //    step's K blocks are prefetched, spread evenly over the token steps of this pass
+    //    step's K segments are prefetched, spread evenly over the token steps of this pass
+    const bool more = tok + segs * st < tok_end;
+    if (more) plan_step(nxt, tok + segs * st, tok_end, st, segs, bt, bs, block_bytes, row_bytes, kbase, vbase);
     PfBlocks pc;
-    if (do_pf && s0 + gb < b1) {
-      pc.base = kbase;
-      pc.ids = bt + s0 + gb;
-      pc.n = min_i64(gb, b1 - s0 - gb);
-      pc.block_bytes = block_bytes;
+    if (do_pf && more) {
+      pc.ptrs = nxt.k;
+      pc.n = nxt.n;
+      pc.seg_bytes = st * row_bytes;
       pc.c.hint = hint;
       pc.c.stride = pstride;
       const int64_t steps = Hkv * nt * pv_steps_per;
-      pc.c.step = ((pc.n * block_bytes + steps - 1) / steps + 63) / 64 * 64;
+      pc.c.step = ((pc.n * pc.seg_bytes + steps - 1) / steps + 63) / 64 * 64;
     }
-    const Rows rw{vb, bs, nt, row_bytes};
+    const Rows rw{cur.v, st, nt, row_bytes};
     for (int64_t h = 0; h < Hkv; ++h)
       pv_group<DT>(rw, h * head_bytes, sc + h * G, Hq, acc + h * G * D, G, D, pc);
     pc.finish();
+    if (more) cur = nxt;
   }
 }
 
-// sc: scratch of step_blocks(block_size, block bytes) * block_size * num_heads + 2 * num_heads floats.
+// sc: scratch of step_tokens(block_size, row bytes) * num_heads + 2 * num_heads floats.
 static void attend(const PagedAttentionArgs& a, int64_t seq, int64_t b0, int64_t b1, const float* qs, float* acc,
                    float* m, float* l, float* sc, int64_t pf, int hint, int64_t pstride) {
   switch (a.kv_dtype) {
