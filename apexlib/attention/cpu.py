@@ -36,28 +36,33 @@ picked at run time from CPUID; ``APEX_CPU_ISA=scalar|avx2|avx512`` forces one (R
 CPU lacks it); :func:`selected_isa` tells which runs. ``APEX_CPU_ATTENTION=torch`` swaps the kernel
 for :func:`paged_decode_attention_reference` (plain torch, same signature) for debugging.
 
-Performance notes (2 Sapphire Rapids cores in a VM, DRAM read ~29 GB/s with 2 threads, ~15 GB/s
-with one: a single core is latency/concurrency bound, so every core must keep its misses in
-flight while it computes; ratios are kernel GB/s / DRAM GB/s of the same run, batch 8-32,
-context 1k-4k):
+Performance notes (2 Sapphire Rapids cores in a VM; ratios are kernel GB/s / DRAM read GB/s of the
+same run, batch 8-32, context 1k-4k, 16-token blocks unless said; the JSON files of
+``apex bench cpu-attention`` are in data/results/cpu_attention/):
 
-* spreading the software prefetches (above): MHA fp16/bf16 0.66-0.69 -> 0.79-0.83; GQA-4
-  0.47-0.53 -> 0.53-0.60;
-* tried, no gain: one prefetch per 256 B-4 KiB to merely start the hardware streamer on each page
-  (10-30 % slower: the streamer does not run far enough ahead in this VM); prefetch hints T0/T2
-  instead of T1 (within noise or worse);
-* GQA-4 stays compute bound: its in-cache (L2) throughput is ~15 GB/s per core against the ~12 GB/s
-  per core it must sustain (4 fp32 FMAs per K and per V element plus the fp16/bf16 conversions),
-  so compute and memory barely overlap. Softmax steps of up to 64 tokens / 128 KiB instead of one
-  16-token block: GQA-4 +3-6 % GB/s (MHA unchanged; grouping its 128 KiB blocks was ~10 % slower).
-  Tried, no gain: 4-token x 4-head score tiles (one query load per 4 K rows), bf16 even/odd-lane
-  conversion, a prefetch distance of 2-8 blocks. Without the V pass's FMAs at all GQA-4 only reaches
-  ~0.63 (without the K pass's ~0.70), so 0.8 needs both passes much cheaper; with an fp32 query
-  4 FMAs per K and per V element are the floor. Tried for bf16 KV and not kept: AVX512_BF16
-  ``vdpbf16ps`` for both passes (it issues once per 2 cycles on this SPR, half the FMA rate: in
-  cache GQA-4 28.7 -> 26.4 GB/s), AMX-BF16 tiles (commit 83336e7: 1.5x faster with K/V in L2, but
-  0.47-0.60 of DRAM read against 0.57-0.64, because a tile load that waits on memory stalls the core
-  instead of letting it run ahead to the next misses).
+* the reference: the faster of two read loops over 2 GiB on 2 MiB pages, ~35 GB/s with 2 threads
+  (~18.6 with one). A single core is concurrency bound (line-fill buffers), so every core must keep
+  its misses in flight while it computes. Until 2026-11-25 the reference was the wide-load loop on
+  4 KiB pages (~29-31 GB/s), which flattered the ratios by ~11-17%;
+* the KV pool on 2 MiB pages (:mod:`apexlib.kvcache.host_memory`, as the engine's CPU tier):
+  kernel +8-10% (page walks of scattered blocks sat in front of the prefetches);
+* the machine's ceiling for this layout, measured in the same run by ``arith_stream_pass`` (every
+  K/V element read once in the kernel's order, widened, G fp32 FMAs, prefetched like the kernel):
+  0.84-0.89 of DRAM for Llama-2-7B (128 KiB blocks) but 0.62-0.65 for Llama-3.1-8B's GQA-4 (32 KiB
+  randomly placed blocks; with no arithmetic at all such blocks stream at ~0.75, with 64-token
+  blocks the stream reaches 0.72-0.80). The kernel reaches 0.81-0.86 of that stream, i.e. 0.69-0.75
+  of DRAM (MHA) and 0.51-0.56 (GQA-4) for fp16/bf16; fp32 MHA 0.78-0.82;
+* spreading the software prefetches over the compute: MHA fp16/bf16 0.66-0.69 -> 0.79-0.83 (old
+  reference); issued in bursts they fill the line-fill buffers and stall the compute. Prefetch
+  hints T0/T2, one prefetch per 128 B-4 KiB, and no software prefetch were all slower;
+* blocks with more than 128 KiB of K are cut into slices per softmax step: MHA with 64-token blocks
+  0.58-0.63 -> 0.72-0.78 (there the stream reaches 0.94-1.0: the kernel's compute is the limit);
+* softmax steps of up to 64 tokens / 128 KiB (GQA-4 +3-6 %). Tried, no gain from DRAM: 4-token x
+  4-head score tiles, bf16 even/odd-lane conversion, prefetch distances of 2-8 blocks, a K pass with
+  one register accumulator per query head for 16 heads at a time (+9-23 % in L2, none from DRAM).
+  Tried for bf16 KV and not kept: AVX512_BF16 ``vdpbf16ps`` (issues once per 2 cycles here) and
+  AMX-BF16 tiles (commit 83336e7: 1.5x faster with K/V in L2, slower from DRAM: a tile load that
+  waits on memory stalls the core instead of letting it run ahead to the next misses).
 
 Threads: :func:`set_num_threads` (default: every CPU this process may run on), optionally pinned
 to ``cpu_ids``. The kernels release the GIL while they run.

@@ -74,6 +74,19 @@
 // compute and DRAM hardly overlap; 0.8 needs both passes far cheaper (fp32 query: 4 FMAs per K and
 // per V element is the floor; bf16 query: vdpbf16ps / AMX for the K pass only).
 
+// 2026-11-25, with the KV pool and the DRAM probe on 2 MiB pages and the probe's faster (widening)
+// loop as the reference (~35 GB/s on 2 cores; the old wide-load loop on 4 KiB pages read ~29-31, so
+// the ratios quoted above are ~11-17 % flattering): the benchmark's minimum-arithmetic stream
+// (arith_stream.cpp: same bytes, same order, widening + G FMAs per element, T1 prefetch per line)
+// reaches 0.84-0.89 of DRAM on Llama-2-7B's 128 KiB blocks and 0.62-0.65 on Llama-3.1-8B's 32 KiB
+// blocks. For GQA-4 at 16-token blocks the scattered 32 KiB blocks are the limit (the same stream
+// with one FMA per element: ~0.72; with 64-token blocks: 0.72-0.80), so no kernel doing this
+// arithmetic in fp32 reaches 0.8 of DRAM there on this machine; this body runs at 0.81-0.86 of the
+// stream (0.69-0.75 of DRAM for MHA, 0.51-0.56 for GQA-4). With 64-token blocks the stream reaches
+// 0.94-1.0 (MHA) / 0.72-0.80 (GQA-4) and this body 0.72-0.78 / 0.55-0.64: there its compute limits. Tried, not kept: a K pass producing 16 query heads' scores at once (one register
+// accumulator each, one reduce_w, V prefetch spread over its d loop): K pass alone +9 % (GQA-4) /
+// +23 % (MHA) in L2, no change from DRAM; prefetching a token row's V in one burst was 5-10 % slower.
+
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Prefetch instructions as volatile asm: GCC deletes loops whose only effect is __builtin_prefetch
