@@ -159,13 +159,17 @@ def _fail(name: str, msg: str) -> None:
     raise ValueError(f"{name}: {msg}")
 
 
-def _check_attention_inputs(query, key_cache, value_cache, block_tables, context_lens, out) -> None:
-    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
-                    ("block_tables", block_tables), ("context_lens", context_lens)):
+def _check_cpu_tensors(**tensors) -> None:
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
         if t.device.type != "cpu":
             _fail(name, f"must be on the CPU, got {t.device}")
+
+
+def _check_attention_inputs(query, key_cache, value_cache, block_tables, context_lens, out) -> None:
+    _check_cpu_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                       context_lens=context_lens)
     if query.dim() != 3:
         _fail("query", f"expected [num_seqs, num_heads, head_dim], got shape {tuple(query.shape)}")
     if query.dtype not in _KV_DTYPES:
@@ -405,12 +409,8 @@ def arith_stream_pass(
     ``|x| * sum_g q_g[j]``). Raises ValueError naming the argument for bad shapes, dtypes,
     context lengths or block ids.
     """
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache), ("block_tables", block_tables),
-                    ("context_lens", context_lens)):
-        if not isinstance(t, torch.Tensor):
-            _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
-            _fail(name, f"must be on the CPU, got {t.device}")
+    _check_cpu_tensors(key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                       context_lens=context_lens)
     if key_cache.dim() != 4:
         _fail("key_cache", f"expected [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(key_cache.shape)}")
     if key_cache.dtype not in _KV_DTYPES:

@@ -7,8 +7,8 @@
 // machine can do with the arithmetic attention cannot avoid, separately from how far that is from a
 // plain sequential DRAM read (read_bandwidth.cpp).
 //
-// Work: whole-block splits of each sequence planned like paged_decode_attention (about four items
-// per thread, at least 64 tokens per split, longest first, dynamic schedule, pinned threads). An
+// Work: the whole-block splits of paged_decode_attention (plan_splits: about four items per thread,
+// at least 64 tokens per split, longest first), dynamic schedule, pinned threads. An
 // item reads block by block in table order, the K block then the V block, each block's valid rows
 // (context_lens: a partial last block stops at the last token) in memory order. Every element x is
 // converted to fp32 (fp16: vcvtph2ps, bf16: 16-bit shift, fp32 as is) and FMA'd with G query-like
@@ -162,10 +162,6 @@ int64_t g_stream_prefetch_bytes = [] {
   return e ? std::atoll(e) : int64_t{16 * 1024};
 }();
 
-// Same split plan as paged_decode_attention (kept in step by hand: that file is the reference).
-constexpr int64_t kMinTokensPerSplit = 64;
-constexpr int64_t kItemsPerThread = 4;
-
 }  // namespace
 
 double arith_stream_pass(const PagedAttentionArgs& a, Isa isa, int num_threads) {
@@ -181,39 +177,24 @@ double arith_stream_pass(const PagedAttentionArgs& a, Isa isa, int num_threads) 
   const int64_t row_bytes = a.num_kv_heads * a.head_dim * esize;
   const int nthreads = std::max(1, num_threads);
 
-  int64_t total_blocks = 0;
-  for (int64_t s = 0; s < a.num_seqs; ++s) total_blocks += (a.context_lens[s] + bs - 1) / bs;
-  int64_t chunk = total_blocks;
-  if (nthreads > 1) {
-    const int64_t target_items = nthreads * kItemsPerThread;
-    chunk = std::max<int64_t>((total_blocks + target_items - 1) / target_items, (kMinTokensPerSplit + bs - 1) / bs);
-  }
-  chunk = std::max<int64_t>(chunk, 1);
+  const SplitPlan plan = plan_splits(a, nthreads);
   std::vector<StreamItem> items;
-  for (int64_t s = 0; s < a.num_seqs; ++s) {
-    const int64_t nblk = (a.context_lens[s] + bs - 1) / bs;
-    if (nblk == 0) continue;
-    const int64_t nsplit = (nblk + chunk - 1) / chunk;
-    for (int64_t k = 0; k < nsplit; ++k) {
-      StreamItem it;
-      it.kbase = static_cast<const char*>(a.key_cache);
-      it.vbase = static_cast<const char*>(a.value_cache);
-      it.bt = a.block_tables + s * a.max_blocks_per_seq;
-      it.block_bytes = bs * row_bytes;
-      it.row_bytes = row_bytes;
-      it.bs = bs;
-      it.ctx = a.context_lens[s];
-      it.b0 = k * nblk / nsplit;
-      it.b1 = (k + 1) * nblk / nsplit;
-      items.push_back(it);
-    }
+  items.reserve(plan.splits.size());
+  for (const SplitPlan::Split& sp : plan.splits) {
+    StreamItem it;
+    it.kbase = static_cast<const char*>(a.key_cache);
+    it.vbase = static_cast<const char*>(a.value_cache);
+    it.bt = a.block_tables + sp.seq * a.max_blocks_per_seq;
+    it.block_bytes = bs * row_bytes;
+    it.row_bytes = row_bytes;
+    it.bs = bs;
+    it.ctx = a.context_lens[sp.seq];
+    it.b0 = sp.b0;
+    it.b1 = sp.b1;
+    items.push_back(it);
   }
+  const std::vector<int64_t>& order = plan.order;
   const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<int64_t> order(n_items);
-  for (int64_t i = 0; i < n_items; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return items[x].b1 - items[x].b0 > items[y].b1 - items[y].b0;
-  });
   std::vector<double> sums(n_items, 0.0);
   const int gr = static_cast<int>(group);
   const int64_t dist = g_stream_prefetch_bytes;

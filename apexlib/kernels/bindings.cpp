@@ -31,10 +31,11 @@ apex::Isa to_isa(int64_t isa) {
   return i;
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  c10::optional<at::Tensor> out, int64_t isa, int64_t num_threads) {
-  TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4, "bad ranks");
+// The checks both paged entry points share (the cheap ones that keep the kernels memory-safe) and
+// the cache / table fields of the arguments; the caller sets query, out, num_heads and scale.
+apex::PagedAttentionArgs paged_args(const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                    const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "bad ranks");
   TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(key_cache.sizes() == value_cache.sizes() && key_cache.scalar_type() == value_cache.scalar_type(),
               "key_cache and value_cache must match");
@@ -42,19 +43,34 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
               "block_tables must be contiguous int32 [num_seqs, max_blocks]");
   TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 && context_lens.is_contiguous(),
               "context_lens must be contiguous int32 [num_seqs]");
-  const auto isa_e = to_isa(isa);
   apex::PagedAttentionArgs a{};
-  a.num_seqs = query.size(0);
-  a.num_heads = query.size(1);
-  a.head_dim = query.size(2);
+  a.num_seqs = context_lens.size(0);
   a.num_blocks = key_cache.size(0);
   a.block_size = key_cache.size(1);
   a.num_kv_heads = key_cache.size(2);
+  a.head_dim = key_cache.size(3);
   a.max_blocks_per_seq = block_tables.size(1);
-  TORCH_CHECK(key_cache.size(3) == a.head_dim && a.head_dim % 16 == 0, "head_dim mismatch or not a multiple of 16");
-  TORCH_CHECK(a.num_kv_heads > 0 && a.num_heads % a.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
-  TORCH_CHECK(block_tables.size(0) == a.num_seqs && context_lens.size(0) == a.num_seqs, "num_seqs mismatch");
+  TORCH_CHECK(a.head_dim % 16 == 0, "head_dim must be a multiple of 16");
+  TORCH_CHECK(block_tables.size(0) == a.num_seqs, "num_seqs mismatch");
   TORCH_CHECK(a.block_size > 0, "block_size must be positive");
+  a.key_cache = key_cache.data_ptr();
+  a.value_cache = value_cache.data_ptr();
+  a.kv_dtype = to_dtype(key_cache, "key_cache");
+  a.block_tables = block_tables.data_ptr<int32_t>();
+  a.context_lens = context_lens.data_ptr<int32_t>();
+  return a;
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  c10::optional<at::Tensor> out, int64_t isa, int64_t num_threads) {
+  TORCH_CHECK(query.dim() == 3, "bad ranks");
+  const auto isa_e = to_isa(isa);
+  apex::PagedAttentionArgs a = paged_args(key_cache, value_cache, block_tables, context_lens);
+  a.num_heads = query.size(1);
+  TORCH_CHECK(query.size(0) == a.num_seqs, "num_seqs mismatch");
+  TORCH_CHECK(query.size(2) == a.head_dim, "head_dim mismatch");
+  TORCH_CHECK(a.num_kv_heads > 0 && a.num_heads % a.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads");
 
   const at::Tensor q32 = query.to(at::kFloat).contiguous();
   at::Tensor result = out.has_value() ? *out : at::empty(query.sizes(), query.options());
@@ -63,11 +79,6 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& key
   at::Tensor out32 = direct ? result : at::empty(query.sizes(), query.options().dtype(at::kFloat));
 
   a.query = q32.data_ptr<float>();
-  a.key_cache = key_cache.data_ptr();
-  a.value_cache = value_cache.data_ptr();
-  a.kv_dtype = to_dtype(key_cache, "key_cache");
-  a.block_tables = block_tables.data_ptr<int32_t>();
-  a.context_lens = context_lens.data_ptr<int32_t>();
   a.out = out32.data_ptr<float>();
   a.scale = static_cast<float>(scale);
   try {
@@ -118,33 +129,11 @@ double read_bandwidth_pass(const at::Tensor& buf, int64_t isa, int64_t num_threa
 
 double arith_stream_pass(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_tables,
                          const at::Tensor& context_lens, int64_t num_heads, int64_t isa, int64_t num_threads) {
-  TORCH_CHECK(key_cache.dim() == 4 && value_cache.dim() == 4, "bad ranks");
-  TORCH_CHECK(key_cache.is_contiguous() && value_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(key_cache.sizes() == value_cache.sizes() && key_cache.scalar_type() == value_cache.scalar_type(),
-              "key_cache and value_cache must match");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.is_contiguous(),
-              "block_tables must be contiguous int32 [num_seqs, max_blocks]");
-  TORCH_CHECK(context_lens.scalar_type() == at::kInt && context_lens.dim() == 1 && context_lens.is_contiguous(),
-              "context_lens must be contiguous int32 [num_seqs]");
   const auto isa_e = to_isa(isa);
-  apex::PagedAttentionArgs a{};
-  a.num_seqs = context_lens.size(0);
+  apex::PagedAttentionArgs a = paged_args(key_cache, value_cache, block_tables, context_lens);
   a.num_heads = num_heads;
-  a.num_blocks = key_cache.size(0);
-  a.block_size = key_cache.size(1);
-  a.num_kv_heads = key_cache.size(2);
-  a.head_dim = key_cache.size(3);
-  a.max_blocks_per_seq = block_tables.size(1);
-  TORCH_CHECK(a.head_dim % 16 == 0, "head_dim must be a multiple of 16");
   TORCH_CHECK(a.num_kv_heads > 0 && num_heads > 0 && num_heads % a.num_kv_heads == 0,
               "num_heads must be a positive multiple of num_kv_heads");
-  TORCH_CHECK(block_tables.size(0) == a.num_seqs, "num_seqs mismatch");
-  TORCH_CHECK(a.block_size > 0, "block_size must be positive");
-  a.key_cache = key_cache.data_ptr();
-  a.value_cache = value_cache.data_ptr();
-  a.kv_dtype = to_dtype(key_cache, "key_cache");
-  a.block_tables = block_tables.data_ptr<int32_t>();
-  a.context_lens = context_lens.data_ptr<int32_t>();
   const int threads = num_threads > 0 ? static_cast<int>(num_threads) : apex::get_num_threads();
   try {
     apex::validate_tables(a);

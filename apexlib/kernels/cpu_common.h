@@ -118,6 +118,18 @@ struct PagedAttentionArgs {
 // Throws InputError for bad context lengths / block ids (naming the argument).
 void validate_tables(const PagedAttentionArgs& a);
 void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_threads);
+// The work split of paged_decode_attention (and of the arithmetic stream probe): whole-block splits
+// of every sequence, about four per thread and at least 64 tokens each, so that a lone long request
+// is spread over all threads. `order` lists the splits longest first; first[s] .. first[s + 1] are
+// the splits of sequence s (none for a zero-length context).
+struct SplitPlan {
+  struct Split {
+    int64_t seq, b0, b1;
+  };
+  std::vector<Split> splits;
+  std::vector<int64_t> order, first;
+};
+SplitPlan plan_splits(const PagedAttentionArgs& a, int num_threads);
 
 // ---- append K/V (store_kv.cpp) ----
 struct StoreKVArgs {

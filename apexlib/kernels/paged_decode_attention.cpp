@@ -234,10 +234,6 @@ int64_t g_prefetch_stride = [] {
 constexpr int64_t kMinTokensPerSplit = 64;
 constexpr int64_t kItemsPerThread = 4;
 
-struct Item {
-  int64_t seq, b0, b1;
-};
-
 struct Workspace {
   std::vector<float> buf;
   float* get(size_t n) {
@@ -269,14 +265,10 @@ void validate_tables(const PagedAttentionArgs& a) {
   }
 }
 
-void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_threads) {
-  const int64_t Hq = a.num_heads, D = a.head_dim, bs = a.block_size;
-  const int64_t esize = static_cast<int64_t>(dtype_size(a.kv_dtype));
-  const int64_t block_bytes = bs * a.num_kv_heads * D * esize;
-  const int64_t pf = g_prefetch_bytes <= 0 ? 0 : std::max<int64_t>(1, (g_prefetch_bytes + block_bytes - 1) / block_bytes);
-  const int nthreads = std::max(1, num_threads);
-
-  // ---- plan work items: whole-block splits of each sequence
+SplitPlan plan_splits(const PagedAttentionArgs& a, int num_threads) {
+  const int64_t bs = a.block_size;
+  const int64_t nthreads = std::max(1, num_threads);
+  SplitPlan plan;
   int64_t total_blocks = 0;
   for (int64_t s = 0; s < a.num_seqs; ++s) total_blocks += (a.context_lens[s] + bs - 1) / bs;
   int64_t chunk = total_blocks;
@@ -286,25 +278,40 @@ void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_thread
                               (kMinTokensPerSplit + bs - 1) / bs);
   }
   chunk = std::max<int64_t>(chunk, 1);
-  std::vector<Item> items;
-  std::vector<int64_t> first_item(a.num_seqs + 1, 0);
+  plan.first.assign(a.num_seqs + 1, 0);
   for (int64_t s = 0; s < a.num_seqs; ++s) {
-    first_item[s] = static_cast<int64_t>(items.size());
+    plan.first[s] = static_cast<int64_t>(plan.splits.size());
     const int64_t nblk = (a.context_lens[s] + bs - 1) / bs;
     if (nblk == 0) continue;
     const int64_t nsplit = (nblk + chunk - 1) / chunk;
     for (int64_t k = 0; k < nsplit; ++k) {
       // balanced split: blocks [k*nblk/nsplit, (k+1)*nblk/nsplit)
-      items.push_back({s, k * nblk / nsplit, (k + 1) * nblk / nsplit});
+      plan.splits.push_back({s, k * nblk / nsplit, (k + 1) * nblk / nsplit});
     }
   }
-  first_item[a.num_seqs] = static_cast<int64_t>(items.size());
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  std::vector<int64_t> order(n_items);
-  for (int64_t i = 0; i < n_items; ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return items[x].b1 - items[x].b0 > items[y].b1 - items[y].b0;
+  plan.first[a.num_seqs] = static_cast<int64_t>(plan.splits.size());
+  const int64_t n = static_cast<int64_t>(plan.splits.size());
+  plan.order.resize(n);
+  for (int64_t i = 0; i < n; ++i) plan.order[i] = i;
+  const std::vector<SplitPlan::Split>& sp = plan.splits;
+  std::stable_sort(plan.order.begin(), plan.order.end(), [&sp](int64_t x, int64_t y) {
+    return sp[x].b1 - sp[x].b0 > sp[y].b1 - sp[y].b0;
   });
+  return plan;
+}
+
+void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_threads) {
+  const int64_t Hq = a.num_heads, D = a.head_dim, bs = a.block_size;
+  const int64_t esize = static_cast<int64_t>(dtype_size(a.kv_dtype));
+  const int64_t block_bytes = bs * a.num_kv_heads * D * esize;
+  const int64_t pf = g_prefetch_bytes <= 0 ? 0 : std::max<int64_t>(1, (g_prefetch_bytes + block_bytes - 1) / block_bytes);
+  const int nthreads = std::max(1, num_threads);
+
+  const SplitPlan plan = plan_splits(a, nthreads);
+  const std::vector<SplitPlan::Split>& items = plan.splits;
+  const std::vector<int64_t>& order = plan.order;
+  const std::vector<int64_t>& first_item = plan.first;
+  const int64_t n_items = static_cast<int64_t>(items.size());
 
   // ---- workspace (per calling thread, reused across calls)
   const int64_t acc_elems = Hq * D;                  // per item
@@ -328,7 +335,7 @@ void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_thread
     float* qs = sc + sc_elems;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t oi = 0; oi < n_items; ++oi) {
-      const Item& it = items[order[oi]];
+      const SplitPlan::Split& it = items[order[oi]];
       const int64_t idx = order[oi];
       const float* q = a.query + it.seq * Hq * D;
       for (int64_t i = 0; i < Hq * D; ++i) qs[i] = q[i] * qscale;
