@@ -63,3 +63,27 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on 
 
 # Make `tests` helpers importable as a package-less directory.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def make_inputs(context_lens, num_heads, num_kv_heads, head_dim, block_size, kv_dtype,
+                q_dtype=None, extra_blocks=3, seed=0):
+    """Paged attention inputs (query, K cache, V cache, block tables, context lengths) for the CPU kernel
+    tests: scattered block tables (random order, unused blocks in between) with junk trailing entries;
+    the query is float32 unless q_dtype is given."""
+    import torch
+
+    q_dtype = torch.float32 if q_dtype is None else q_dtype
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(c + block_size - 1) // block_size for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    key_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(kv_dtype)
+    value_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(kv_dtype)
+    max_blocks = max(blocks_per_seq) + 2
+    perm = torch.randperm(num_blocks, generator=g)
+    block_tables = torch.randint(-5, 10**6, (len(context_lens), max_blocks), generator=g, dtype=torch.int32)
+    i = 0
+    for s, n in enumerate(blocks_per_seq):
+        block_tables[s, :n] = perm[i:i + n].to(torch.int32)
+        i += n
+    query = torch.randn(len(context_lens), num_heads, head_dim, generator=g).to(q_dtype)
+    return query, key_cache, value_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32)

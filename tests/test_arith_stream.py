@@ -14,6 +14,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_inputs
 
 from apexlib.attention import cpu
 
@@ -46,19 +47,8 @@ def isa(request, monkeypatch):
 
 def make_cache(context_lens, num_kv_heads, head_dim, block_size, dtype, extra_blocks=3, seed=0):
     """Random K/V, block tables in random order over a pool with unused blocks and junk trailing entries."""
-    g = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [(c + block_size - 1) // block_size for c in context_lens]
-    num_blocks = sum(blocks_per_seq) + extra_blocks
-    kc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-    vc = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(dtype)
-    max_blocks = max(blocks_per_seq) + 2
-    perm = torch.randperm(num_blocks, generator=g)
-    tables = torch.randint(-5, 10**6, (len(context_lens), max_blocks), generator=g, dtype=torch.int32)
-    i = 0
-    for s, n in enumerate(blocks_per_seq):
-        tables[s, :n] = perm[i:i + n].to(torch.int32)
-        i += n
-    return kc, vc, tables, torch.tensor(context_lens, dtype=torch.int32)
+    return make_inputs(context_lens, num_kv_heads, num_kv_heads, head_dim, block_size, dtype,
+                       extra_blocks=extra_blocks, seed=seed)[1:]
 
 
 def query_weights(group: int) -> torch.Tensor:

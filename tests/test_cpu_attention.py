@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from conftest import make_inputs
 
 from apexlib.attention import cpu
 
@@ -30,23 +31,6 @@ def isa(request, monkeypatch):
     return name
 
 
-def make_inputs(context_lens, num_heads, num_kv_heads, head_dim, block_size, kv_dtype,
-                q_dtype=torch.float32, extra_blocks=3, seed=0):
-    """Scattered block tables (random order, unused blocks in between) with junk trailing entries."""
-    g = torch.Generator().manual_seed(seed)
-    blocks_per_seq = [(c + block_size - 1) // block_size for c in context_lens]
-    num_blocks = sum(blocks_per_seq) + extra_blocks
-    key_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(kv_dtype)
-    value_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(kv_dtype)
-    max_blocks = max(blocks_per_seq) + 2
-    perm = torch.randperm(num_blocks, generator=g)
-    block_tables = torch.randint(-5, 10**6, (len(context_lens), max_blocks), generator=g, dtype=torch.int32)
-    i = 0
-    for s, n in enumerate(blocks_per_seq):
-        block_tables[s, :n] = perm[i:i + n].to(torch.int32)
-        i += n
-    query = torch.randn(len(context_lens), num_heads, head_dim, generator=g).to(q_dtype)
-    return query, key_cache, value_cache, block_tables, torch.tensor(context_lens, dtype=torch.int32)
 
 
 def _tol(kv_dtype, q_dtype=torch.float32):
