@@ -65,6 +65,21 @@ requires_cuda = pytest.mark.skipif(not cuda_available(), reason="no CUDA GPU on 
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa(request, monkeypatch):
+    """Each CPU kernel ISA path in turn (skipped where this CPU lacks it), forced with APEX_CPU_ISA."""
+    from apexlib.attention import cpu
+
+    name = request.param
+    supported = cpu.available_isas()
+    if name not in supported:
+        pytest.skip(f"this CPU lacks the {name} path (supported: {supported})")
+    monkeypatch.setenv("APEX_CPU_ISA", name)
+    monkeypatch.delenv("APEX_CPU_ATTENTION", raising=False)
+    assert cpu.selected_isa() == name
+    return name
+
+
 def make_inputs(context_lens, num_heads, num_kv_heads, head_dim, block_size, kv_dtype,
                 q_dtype=None, extra_blocks=3, seed=0):
     """Paged attention inputs (query, K cache, V cache, block tables, context lengths) for the CPU kernel

@@ -20,7 +20,6 @@ from apexlib.attention import cpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = 2e-6
-ALL_ISAS = ["scalar", "avx2", "avx512"]
 
 # (context_lens, num_kv_heads, head_dim, block_size): odd lengths and partial last blocks; a 16-element
 # fp16 row (half a cache line) with blocks of 5 tokens; one long sequence crossing many blocks, so the
@@ -34,15 +33,6 @@ SHAPES = [
 
 def _supported() -> list[str]:
     return cpu.available_isas()
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request, monkeypatch):
-    name = request.param
-    if name not in _supported():
-        pytest.skip(f"this CPU lacks the {name} path (supported: {_supported()})")
-    monkeypatch.setenv("APEX_CPU_ISA", name)
-    return name
 
 
 def make_cache(context_lens, num_kv_heads, head_dim, block_size, dtype, extra_blocks=3, seed=0):

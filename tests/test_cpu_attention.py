@@ -12,25 +12,11 @@ from conftest import make_inputs
 from apexlib.attention import cpu
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-ALL_ISAS = ["scalar", "avx2", "avx512"]
+ALL_ISAS = list(cpu.ISAS)
 
 
 def _supported_isas() -> list[str]:
     return cpu.available_isas()
-
-
-
-@pytest.fixture(params=ALL_ISAS)
-def isa(request, monkeypatch):
-    name = request.param
-    if name not in _supported_isas():
-        pytest.skip(f"this CPU lacks the {name} path (supported: {_supported_isas()})")
-    monkeypatch.setenv("APEX_CPU_ISA", name)
-    monkeypatch.delenv("APEX_CPU_ATTENTION", raising=False)
-    assert cpu.selected_isa() == name
-    return name
-
-
 
 
 def _tol(kv_dtype, q_dtype=torch.float32):
