@@ -212,7 +212,8 @@ APEX_TARGET_END
 // ------------------------------------------------------------------ driver
 namespace {
 
-// Bytes of K (and of V) to keep in flight ahead of the block being processed.
+// Software prefetch runs one pass ahead (V rows of a step during its K pass, the next step's K
+// during its V pass; see the body), whatever the byte count below.
 // Tuning knobs (environment, read once): APEX_CPU_PREFETCH_BYTES (0 disables software prefetch),
 // APEX_CPU_PREFETCH_HINT (0 = T0, 1 = T1, 2 = T2, 3 = NTA), APEX_CPU_PREFETCH_STRIDE (bytes between
 // prefetches, default 64 = every line; one per 256 B-4 KiB, meant to merely start the hardware
@@ -303,8 +304,7 @@ SplitPlan plan_splits(const PagedAttentionArgs& a, int num_threads) {
 void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_threads) {
   const int64_t Hq = a.num_heads, D = a.head_dim, bs = a.block_size;
   const int64_t esize = static_cast<int64_t>(dtype_size(a.kv_dtype));
-  const int64_t block_bytes = bs * a.num_kv_heads * D * esize;
-  const int64_t pf = g_prefetch_bytes <= 0 ? 0 : std::max<int64_t>(1, (g_prefetch_bytes + block_bytes - 1) / block_bytes);
+  const int64_t pf = g_prefetch_bytes > 0 ? 1 : 0;  // on / off
   const int nthreads = std::max(1, num_threads);
 
   const SplitPlan plan = plan_splits(a, nthreads);

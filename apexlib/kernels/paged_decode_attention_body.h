@@ -29,7 +29,7 @@
 // Software prefetch (pf > 0) runs one pass ahead: V of block i during its K pass, K of the next
 // step's table entries (scattered in memory) during the V pass, so DRAM requests stay in flight.
 // The prefetches are spread evenly over the compute of the pass (one head's slice of V per K head
-// step; the next K blocks in equal slices per V token step, PfBlocks) rather than issued in bursts:
+// step; the next K blocks in equal slices per V token step, PfSegments) rather than issued in bursts:
 // a burst of 64-128 prefetches fills the core's line-fill buffers and stalls the loads of the
 // compute it was meant to overlap with. Measured on 2 SPR cores (batch 8-32, context 1k-4k):
 // MHA fp16/bf16 0.66-0.69 -> 0.79-0.83 of DRAM read bandwidth, GQA-4 0.47-0.53 -> 0.53-0.60.
@@ -136,7 +136,7 @@ struct PfCursor {
 };
 
 // PfCursor over several scattered segments (the next step's K runs), in table order.
-struct PfBlocks {
+struct PfSegments {
   PfCursor c;
   const char* const* ptrs = nullptr;
   int64_t n = 0, i = 0, seg_bytes = 0;
@@ -449,7 +449,7 @@ static void attend_impl(const PagedAttentionArgs& a, int64_t seq, int64_t b0, in
     //    step's K segments are prefetched, spread evenly over the token steps of this pass
     const bool more = tok + segs * st < tok_end;
     if (more) plan_step(nxt, tok + segs * st, tok_end, st, segs, bt, bs, block_bytes, row_bytes, kbase, vbase);
-    PfBlocks pc;
+    PfSegments pc;
     if (do_pf && more) {
       pc.ptrs = nxt.k;
       pc.n = nxt.n;
