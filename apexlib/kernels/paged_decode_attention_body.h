@@ -85,7 +85,9 @@
 // stream (0.69-0.75 of DRAM for MHA, 0.51-0.56 for GQA-4). With 64-token blocks the stream reaches
 // 0.94-1.0 (MHA) / 0.72-0.80 (GQA-4) and this body 0.72-0.78 / 0.55-0.64: there its compute limits. Tried, not kept: a K pass producing 16 query heads' scores at once (one register
 // accumulator each, one reduce_w, V prefetch spread over its d loop): K pass alone +9 % (GQA-4) /
-// +23 % (MHA) in L2, no change from DRAM; prefetching a token row's V in one burst was 5-10 % slower.
+// +23 % (MHA) in L2, no change from DRAM; prefetching a token row's V in one burst was 5-10 % slower;
+// for MHA a token-major V pass (V read in memory order, acc read-modify-written in L1): no change
+// from DRAM (25.2-25.5 vs 22.9-25.6 GB/s), slower in L2; 64 KiB steps for MHA: 3 % slower.
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
