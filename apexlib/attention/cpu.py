@@ -167,16 +167,9 @@ def _check_cpu_tensors(**tensors) -> None:
             _fail(name, f"must be on the CPU, got {t.device}")
 
 
-def _check_attention_inputs(query, key_cache, value_cache, block_tables, context_lens, out) -> None:
-    _check_cpu_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-                       context_lens=context_lens)
-    if query.dim() != 3:
-        _fail("query", f"expected [num_seqs, num_heads, head_dim], got shape {tuple(query.shape)}")
-    if query.dtype not in _KV_DTYPES:
-        _fail("query", f"dtype must be float32, float16 or bfloat16, got {query.dtype}")
-    num_seqs, num_heads, head_dim = query.shape
-    if head_dim % 16 != 0 or not 16 <= head_dim <= _MAX_HEAD_DIM:
-        _fail("query", f"head_dim must be a multiple of 16 in [16, {_MAX_HEAD_DIM}], got {head_dim}")
+def _check_paged_kv(key_cache, value_cache, block_tables, context_lens, num_seqs: int | None = None) -> None:
+    """Checks of a paged K/V cache and its tables shared by the kernel and the stream probe
+    (CPU tensors, checked before); ``num_seqs`` None: as many as ``context_lens`` has."""
     if key_cache.dim() != 4:
         _fail("key_cache", f"expected [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(key_cache.shape)}")
     if key_cache.dtype not in _KV_DTYPES:
@@ -185,16 +178,15 @@ def _check_attention_inputs(query, key_cache, value_cache, block_tables, context
         _fail("value_cache", f"shape {tuple(value_cache.shape)} differs from key_cache {tuple(key_cache.shape)}")
     if value_cache.dtype != key_cache.dtype:
         _fail("value_cache", f"dtype {value_cache.dtype} differs from key_cache {key_cache.dtype}")
-    _, block_size, num_kv_heads, kv_head_dim = key_cache.shape
-    if kv_head_dim != head_dim:
-        _fail("key_cache", f"head_dim {kv_head_dim} differs from the query's {head_dim}")
-    if block_size < 1:
+    if key_cache.shape[1] < 1:
         _fail("key_cache", "block_size must be >= 1")
-    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
-        _fail("key_cache", f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
     for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
         if not t.is_contiguous():
             _fail(name, "must be contiguous")
+    if num_seqs is None:
+        if context_lens.dim() != 1:
+            _fail("context_lens", f"expected [num_seqs], got shape {tuple(context_lens.shape)}")
+        num_seqs = context_lens.shape[0]
     if block_tables.dtype != torch.int32:
         _fail("block_tables", f"dtype must be torch.int32, got {block_tables.dtype}")
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
@@ -207,6 +199,24 @@ def _check_attention_inputs(query, key_cache, value_cache, block_tables, context
         _fail("context_lens", f"expected [num_seqs={num_seqs}], got shape {tuple(context_lens.shape)}")
     if not context_lens.is_contiguous():
         _fail("context_lens", "must be contiguous")
+
+
+def _check_attention_inputs(query, key_cache, value_cache, block_tables, context_lens, out) -> None:
+    _check_cpu_tensors(query=query, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
+                       context_lens=context_lens)
+    if query.dim() != 3:
+        _fail("query", f"expected [num_seqs, num_heads, head_dim], got shape {tuple(query.shape)}")
+    if query.dtype not in _KV_DTYPES:
+        _fail("query", f"dtype must be float32, float16 or bfloat16, got {query.dtype}")
+    num_seqs, num_heads, head_dim = query.shape
+    if head_dim % 16 != 0 or not 16 <= head_dim <= _MAX_HEAD_DIM:
+        _fail("query", f"head_dim must be a multiple of 16 in [16, {_MAX_HEAD_DIM}], got {head_dim}")
+    _check_paged_kv(key_cache, value_cache, block_tables, context_lens, num_seqs)
+    _, _, num_kv_heads, kv_head_dim = key_cache.shape
+    if kv_head_dim != head_dim:
+        _fail("key_cache", f"head_dim {kv_head_dim} differs from the query's {head_dim}")
+    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
+        _fail("key_cache", f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.device.type != "cpu":
             _fail("out", "must be a CPU tensor")
@@ -411,28 +421,11 @@ def arith_stream_pass(
     """
     _check_cpu_tensors(key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                        context_lens=context_lens)
-    if key_cache.dim() != 4:
-        _fail("key_cache", f"expected [num_blocks, block_size, num_kv_heads, head_dim], got shape {tuple(key_cache.shape)}")
-    if key_cache.dtype not in _KV_DTYPES:
-        _fail("key_cache", f"dtype must be float32, float16 or bfloat16, got {key_cache.dtype}")
-    if value_cache.shape != key_cache.shape or value_cache.dtype != key_cache.dtype:
-        _fail("value_cache", f"must match key_cache {tuple(key_cache.shape)} {key_cache.dtype}, "
-              f"got {tuple(value_cache.shape)} {value_cache.dtype}")
-    _, block_size, num_kv_heads, head_dim = key_cache.shape
-    if head_dim % 16 != 0 or block_size < 1:
-        _fail("key_cache", f"head_dim must be a multiple of 16 and block_size >= 1, got {tuple(key_cache.shape)}")
+    _check_paged_kv(key_cache, value_cache, block_tables, context_lens)
+    _, _, num_kv_heads, head_dim = key_cache.shape
+    if head_dim % 16 != 0:
+        _fail("key_cache", f"head_dim must be a multiple of 16, got {tuple(key_cache.shape)}")
     if not isinstance(num_heads, int) or num_heads < 1 or num_heads % max(num_kv_heads, 1) != 0:
         _fail("num_heads", f"must be a positive multiple of num_kv_heads {num_kv_heads}, got {num_heads!r}")
-    for name, t in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if not t.is_contiguous():
-            _fail(name, "must be contiguous")
-    if context_lens.dtype != torch.int32 or context_lens.dim() != 1 or not context_lens.is_contiguous():
-        _fail("context_lens", f"expected contiguous int32 [num_seqs], got {context_lens.dtype} "
-              f"{tuple(context_lens.shape)}")
-    num_seqs = context_lens.shape[0]
-    if (block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != num_seqs
-            or not block_tables.is_contiguous()):
-        _fail("block_tables", f"expected contiguous int32 [num_seqs={num_seqs}, max_blocks_per_seq], got "
-              f"{block_tables.dtype} {tuple(block_tables.shape)}")
     return float(_ext().arith_stream_pass(key_cache, value_cache, block_tables, context_lens, int(num_heads),
                                           _isa_index(), int(num_threads or 0)))
