@@ -19,7 +19,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 OVERLAP_MODES = ("none", "async_overlap", "asymmetric_pipeline")
 CPU_PLACEMENTS = ("overflow", "cpu")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-POLICIES = ("gpu_only", "hybrid", "neo", "apex")
+POLICIES = ("gpu_only", "hybrid", "neo", "neo_published", "apex")
 GIB = 1024**3
 
 

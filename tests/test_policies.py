@@ -125,7 +125,7 @@ def test_apex_pipelines_when_linear_work_hides_cpu_attention_and_splitting_is_ch
     assert rate > (30 + 4) / overlap_only.predicted.total
 
 
-@pytest.mark.parametrize("policy", ["neo", "apex"])
+@pytest.mark.parametrize("policy", ["neo", "neo_published", "apex"])
 @pytest.mark.parametrize("cost_model", ["zero", None])
 def test_profiled_policies_keep_greedy_parity_with_a_squeezed_budget(policy, cost_model, tiny_path, hf_greedy):
     path = tiny_path("gqa")

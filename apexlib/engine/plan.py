@@ -22,6 +22,20 @@ class OverlapMode(str, enum.Enum):
     ASYMMETRIC_PIPELINE = "asymmetric_pipeline"  # NEO: two sub-batches alternate per layer
 
 
+class CpuRuntime(str, enum.Enum):
+    """Which thread runs an iteration's CPU attention.
+
+    ``worker``: apexlib's two-thread runtime; a worker thread runs each CPU job while the main thread
+    keeps launching device work. ``inline``: NEO's published runtime (swiftllm
+    ``worker/layers/transformer_layer.py``, ``TransformerLayer._attention``): the CPU attention is a
+    blocking call on the thread that launches the device kernels, so no device work is launched while
+    it runs, and every pipeline stage first pays the thread's kernel-launch time.
+    """
+
+    WORKER = "worker"
+    INLINE = "inline"
+
+
 @dataclass(frozen=True)
 class ScheduledSequence:
     """One request's work in this iteration: ``len(token_ids)`` new tokens starting at ``start_position``.
@@ -84,6 +98,7 @@ class IterationPlan:
     swap_in: tuple[tuple[int, int], ...] = ()  # (cpu_block, gpu_block)
     finished_request_ids: tuple[str, ...] = ()  # released since the previous plan (runner drops state)
     predicted: PredictedTimes | None = None
+    cpu_runtime: CpuRuntime = CpuRuntime.WORKER
 
     @property
     def sequences(self) -> tuple[ScheduledSequence, ...]:

@@ -40,6 +40,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._released_ids: list[str] = []
         self._iteration = 0
+        # CPU-resident decodes offered to the policy and left out: consecutive iterations, per request id.
+        self._cpu_stalls: dict[str, int] = {}
 
     # -- queue management ------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -123,10 +125,17 @@ class Scheduler:
 
         prefills = tuple(s for s in scheduled if not s.is_decode)
         gpu_decodes = tuple(s for s in scheduled if s.is_decode and s.tier is Tier.GPU)
+        offered = tuple(s for s in scheduled if s.is_decode and s.tier is Tier.CPU)
         decision = self.policy.decide(IterationCandidate(
-            prefills=prefills, gpu_decodes=gpu_decodes,
-            cpu_decodes=tuple(s for s in scheduled if s.is_decode and s.tier is Tier.CPU)))
+            prefills=prefills, gpu_decodes=gpu_decodes, cpu_decodes=offered,
+            cpu_stalls=tuple(self._cpu_stalls.get(s.request_id, 0) for s in offered)))
         cpu_decodes = decision.cpu_decodes
+        advanced = {s.request_id for s in cpu_decodes}
+        for sequence in offered:
+            if sequence.request_id in advanced:
+                self._cpu_stalls.pop(sequence.request_id, None)
+            else:
+                self._cpu_stalls[sequence.request_id] = self._cpu_stalls.get(sequence.request_id, 0) + 1
         mode = decision.mode
         pipeline_batches = None
         if mode is OverlapMode.ASYMMETRIC_PIPELINE:
@@ -143,6 +152,7 @@ class Scheduler:
             mode=mode,
             pipeline_batches=pipeline_batches,
             predicted=decision.predicted,
+            cpu_runtime=decision.cpu_runtime,
             swap_in=tuple(swap_in),
             swap_out=tuple(swap_out),
             finished_request_ids=tuple(self._released_ids),
@@ -200,6 +210,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free all of a running request's blocks; it will be recomputed from its tokens (V1 semantics)."""
         self.kv.free(request.request_id)
+        self._cpu_stalls.pop(request.request_id, None)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -247,5 +258,6 @@ class Scheduler:
         request.status = status
         request.finish_time = now
         self.kv.free(request.request_id)
+        self._cpu_stalls.pop(request.request_id, None)
         del self.requests[request.request_id]
         self._released_ids.append(request.request_id)

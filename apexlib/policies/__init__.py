@@ -8,14 +8,14 @@ from apexlib.config import SchedulerConfig
 from apexlib.policies.base import Policy
 from apexlib.policies.gpu_only import GpuOnlyPolicy
 from apexlib.policies.hybrid import HybridPolicy
-from apexlib.policies.profiled import ApexPolicy, NeoPolicy
+from apexlib.policies.profiled import ApexPolicy, NeoPolicy, NeoPublishedPolicy
 from apexlib.profiling.cost_model import CostModel
 
 POLICY_REGISTRY: dict[str, type[Policy]] = {
     GpuOnlyPolicy.name: GpuOnlyPolicy, HybridPolicy.name: HybridPolicy, NeoPolicy.name: NeoPolicy,
-    ApexPolicy.name: ApexPolicy,
+    NeoPublishedPolicy.name: NeoPublishedPolicy, ApexPolicy.name: ApexPolicy,
 }
-PROFILED_POLICIES = (NeoPolicy.name, ApexPolicy.name)
+PROFILED_POLICIES = (NeoPolicy.name, NeoPublishedPolicy.name, ApexPolicy.name)
 
 
 def make_policy(name: str, **options: Any) -> Policy:
@@ -46,5 +46,5 @@ def policy_from_config(config: SchedulerConfig, cost_model: CostModel | None = N
     return make_policy(config.policy, **options)
 
 
-__all__ = ["POLICY_REGISTRY", "PROFILED_POLICIES", "ApexPolicy", "GpuOnlyPolicy", "HybridPolicy", "NeoPolicy",
+__all__ = ["POLICY_REGISTRY", "PROFILED_POLICIES", "ApexPolicy", "GpuOnlyPolicy", "HybridPolicy", "NeoPolicy", "NeoPublishedPolicy",
            "Policy", "make_policy", "policy_from_config"]

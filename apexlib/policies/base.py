@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from apexlib.engine.plan import OverlapMode, PredictedTimes, ScheduledSequence
+from apexlib.engine.plan import CpuRuntime, OverlapMode, PredictedTimes, ScheduledSequence
 from apexlib.kvcache.manager import KVCacheManager, Tier
 from apexlib.request import Request
 
@@ -19,6 +19,12 @@ class IterationCandidate:
     prefills: tuple[ScheduledSequence, ...]
     gpu_decodes: tuple[ScheduledSequence, ...]
     cpu_decodes: tuple[ScheduledSequence, ...]  # every CPU-resident decode that could advance
+    # Per entry of ``cpu_decodes``: how many consecutive iterations it was offered and left out (0 when
+    # it advanced in the previous iteration it was offered). Policies that bound waiting read it.
+    cpu_stalls: tuple[int, ...] = ()
+
+    def stalls_of(self, index: int) -> int:
+        return self.cpu_stalls[index] if index < len(self.cpu_stalls) else 0
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,7 @@ class IterationDecision:
     cpu_decodes: tuple[ScheduledSequence, ...]
     pipeline_split: int = 0
     predicted: PredictedTimes | None = None
+    cpu_runtime: CpuRuntime = CpuRuntime.WORKER
 
 
 # Swap requests back into the GPU tier only while its usage stays at or below this fraction

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from apexlib.engine.plan import OverlapMode, PredictedTimes, ScheduledSequence
+from apexlib.engine.plan import CpuRuntime, OverlapMode, PredictedTimes, ScheduledSequence
 from apexlib.kvcache.manager import KVCacheManager, Tier
 from apexlib.policies.base import IterationCandidate, IterationDecision, Policy
 from apexlib.profiling.cost_model import CostModel, IterationShape, predict_iteration
@@ -71,8 +71,11 @@ class _ProfiledPolicy(Policy):
         decision = IterationDecision(mode=OverlapMode.NONE, cpu_decodes=(), predicted=predicted)
         return self._rate(shape.sampled_rows, predicted), decision
 
-    def _pipelined(self, candidate: IterationCandidate) -> tuple[float, IterationDecision] | None:
-        """NEO's greedy slack rule over the CPU decodes in FCFS order, then the pipeline's prediction."""
+    def _pipelined(self, candidate: IterationCandidate, order: tuple[ScheduledSequence, ...] | None = None,
+                   forced: frozenset[str] = frozenset()) -> tuple[float, IterationDecision] | None:
+        """NEO's greedy slack rule over the CPU decodes in ``order`` (default FCFS), then the pipeline's
+        prediction. Sequences in ``forced`` join even when they do not fit under the slack (into the
+        second sub-batch, whose CPU job the first one's device work hides)."""
         model = self.cost_model
         base = self._base_shape(candidate)
         first_tokens = base.num_tokens
@@ -82,12 +85,13 @@ class _ProfiledPolicy(Policy):
         first: list[ScheduledSequence] = []
         second: list[ScheduledSequence] = []
         first_kv = second_kv = 0
-        for sequence in candidate.cpu_decodes:
+        for sequence in candidate.cpu_decodes if order is None else order:
             context = sequence.context_len
             # Sub-batch B's CPU job hides under A's device work (A grows with what joins it).
             second_cpu = model.cpu_decode_attention(second_kv + context, len(second) + 1) \
                 + per_token_transfer * (len(second) + 1)
-            if second_cpu <= first_device + model.linear(first_tokens + len(first), 0) - model.linear(first_tokens, 0):
+            if sequence.request_id in forced or second_cpu <= first_device \
+                    + model.linear(first_tokens + len(first), 0) - model.linear(first_tokens, 0):
                 second.append(sequence)
                 second_kv += context
                 continue
@@ -98,6 +102,8 @@ class _ProfiledPolicy(Policy):
                 first.append(sequence)
                 first_kv += context
                 continue
+            if forced:
+                continue  # later forced sequences must still join
             break
         if not second:
             return None
@@ -129,52 +135,196 @@ class NeoPolicy(_ProfiledPolicy):
         return best
 
 
+DEFAULT_MAX_STALL_ITERATIONS = 8
+
+
 class ApexPolicy(_ProfiledPolicy):
+    """APEX: one batch with asynchronous CPU overlap when it pays, NEO's pipeline or GPU-only otherwise.
+
+    **The rule, every iteration** (rates are the cost model's predicted emitted tokens per second):
+
+    1. *NEO's plan is the reference.* Compute the plan :class:`NeoPolicy` would run in this state
+       (its slack-rule pipeline when that beats GPU-only, else GPU-only) and the set ``A`` of CPU
+       decodes it advances.
+    2. *Required progress.* ``R = A`` plus every offered CPU decode that has waited
+       ``max_stall_iterations`` consecutive iterations (``IterationCandidate.cpu_stalls``).
+    3. *Free riders.* Further CPU decodes join an overlap set, in order of increasing context, only
+       while their CPU job stays hidden under the device attention of the same layers
+       (``C + X <= G`` after the measured hybrid adjustments) and the predicted rate rises: they fill
+       CPU time that is idle anyway and never lengthen the iteration beyond its extra linear rows.
+    4. *Candidates* advance every request of ``R``: NEO's plan (when ``R`` adds no overdue request to
+       ``A``), and asynchronous overlap (one batch, no split) of ``R`` plus the free riders.
+    5. *Choice.* Among the candidates within ``iteration_time_bound`` (all, when none is), the higher
+       predicted rate runs.
+
+    So APEX leaves NEO's plan only for one that advances at least the same requests at a higher
+    predicted rate, and never slows an iteration down to serve cheap extra tokens: picking the
+    cheapest CPU decodes first by a per-iteration tokens/s alone starves long CPU-resident requests
+    while they hold CPU KV (more requests wait, the CPU tier fills, preemptions follow) and only moves
+    the expensive tokens to later, slower iterations. Which mode wins follows from the composition in
+    ``predict_iteration``: overlap costs ``Lin(all) + max(G, C + X)`` (one weight pass, the CPU job
+    hidden only under the device attention), the pipeline about ``max(Lin(A) + G + Lin(B), C + X)``
+    (two weight passes, the CPU job hidden under linear work too). With the same CPU set, overlap wins
+    while ``C + X`` stays below about ``G + Lin(B)``; past that NEO's plan wins, and when neither hides
+    enough CPU work to beat one weight pass, GPU-only does (plus any free riders).
+
+    **Progress bound.** A CPU-resident decode offered to the policy is left out of at most
+    ``max_stall_iterations`` consecutive iterations in which it is offered (the scheduler offers every
+    running decode whose tier has room while the token budget allows); the next one includes it.
+    """
+
     name = "apex"
 
     def __init__(self, cost_model: CostModel, transfer_bytes_per_cpu_token: int = 0,
                  transfer_to_cpu_fraction: float = 0.75, iteration_time_bound: float | None = None,
-                 enable_pipeline: bool = True) -> None:
+                 enable_pipeline: bool = True, max_stall_iterations: int = DEFAULT_MAX_STALL_ITERATIONS) -> None:
         super().__init__(cost_model, transfer_bytes_per_cpu_token, transfer_to_cpu_fraction)
-        if iteration_time_bound is not None and iteration_time_bound <= 0:
+        if iteration_time_bound is not None and not iteration_time_bound > 0:
             raise ValueError(f"iteration_time_bound must be > 0 seconds, got {iteration_time_bound}")
+        if isinstance(max_stall_iterations, bool) or not isinstance(max_stall_iterations, int) \
+                or max_stall_iterations < 0:
+            raise ValueError(f"max_stall_iterations must be an int >= 0, got {max_stall_iterations!r}")
         self.iteration_time_bound = iteration_time_bound
         self.enable_pipeline = enable_pipeline
+        self.max_stall_iterations = max_stall_iterations
 
     def decide(self, candidate: IterationCandidate) -> IterationDecision:
-        best_rate, best = self._gpu_only(candidate)
+        gpu_rate, gpu_only = self._gpu_only(candidate)
         if not candidate.cpu_decodes:
-            return best
-        overlap = self._async_overlap(candidate)
-        if overlap is not None and overlap[0] > best_rate:
-            best_rate, best = overlap
+            return gpu_only
+        reference: tuple[float, IterationDecision] = (gpu_rate, gpu_only)
         if self.enable_pipeline:
             pipelined = self._pipelined(candidate)
-            if pipelined is not None and pipelined[0] > best_rate and self._within_bound(pipelined[1].predicted):
-                best_rate, best = pipelined
-        return best
+            if pipelined is not None and pipelined[0] > gpu_rate:
+                reference = pipelined
+        reference_ids = {s.request_id for s in reference[1].cpu_decodes}
+        overdue = [s for i, s in enumerate(candidate.cpu_decodes)
+                   if candidate.stalls_of(i) >= self.max_stall_iterations and s.request_id not in reference_ids]
+        required = [s for s in candidate.cpu_decodes if s.request_id in reference_ids] + overdue
+        options: list[tuple[float, IterationDecision]] = []
+        if not overdue:
+            options.append(reference)
+        elif self.enable_pipeline:
+            # NEO's plan with the overdue requests first and forced in: their CPU work hides under two
+            # weight passes instead of one.
+            forced = frozenset(s.request_id for s in overdue)
+            rest = tuple(s for s in candidate.cpu_decodes if s.request_id not in forced)
+            pipelined = self._pipelined(candidate, tuple(overdue) + rest, forced)
+            if pipelined is not None:
+                options.append(pipelined)
+        overlap = self._async_overlap(candidate, required)
+        if overlap is not None:
+            options.append(overlap)
+        within = [option for option in options if self._within_bound(option[1].predicted)]
+        return max(within or options, key=lambda option: option[0])[1]
 
-    def _within_bound(self, predicted: PredictedTimes) -> bool:
-        return self.iteration_time_bound is None or predicted.total <= self.iteration_time_bound
+    def _within_bound(self, predicted: PredictedTimes | None) -> bool:
+        return self.iteration_time_bound is None or predicted is None or predicted.total <= self.iteration_time_bound
 
-    def _async_overlap(self, candidate: IterationCandidate) -> tuple[float, IterationDecision] | None:
+    def _async_overlap(self, candidate: IterationCandidate,
+                       required: list[ScheduledSequence]) -> tuple[float, IterationDecision] | None:
+        """Overlap of ``required`` plus free riders (hidden CPU jobs) by increasing context while the rate rises."""
         base = self._base_shape(candidate)
-        ordered = sorted(candidate.cpu_decodes, key=lambda s: s.context_len)
-        best: tuple[float, int, PredictedTimes] | None = None
-        kv_tokens = 0
-        for count, sequence in enumerate(ordered, start=1):
-            kv_tokens += sequence.context_len
-            shape = replace(base, mode=OverlapMode.ASYNC_OVERLAP, cpu_decode_kv_tokens=kv_tokens,
-                            num_cpu_decodes=count, num_sampled=base.sampled_rows + count)
+        required_ids = {s.request_id for s in required}
+        optional = sorted((s for s in candidate.cpu_decodes if s.request_id not in required_ids),
+                          key=lambda s: s.context_len)
+        chosen = list(required)
+        kv_tokens = sum(s.context_len for s in chosen)
+
+        def predict(count: int, kv: int) -> tuple[float, PredictedTimes]:
+            shape = replace(base, mode=OverlapMode.ASYNC_OVERLAP, cpu_decode_kv_tokens=kv, num_cpu_decodes=count,
+                            num_sampled=base.sampled_rows + count)
             predicted = predict_iteration(self.cost_model, shape)
-            if not self._within_bound(predicted):
-                break
-            rate = self._rate(shape.sampled_rows, predicted)
-            if best is not None and rate < best[0]:
-                break  # tokens/s stopped rising: the CPU side is now the bottleneck
-            best = (rate, count, predicted)
+            return self._rate(shape.sampled_rows, predicted), predicted
+
+        best = predict(len(chosen), kv_tokens) if chosen else None
+        for sequence in optional:
+            rate, predicted = predict(len(chosen) + 1, kv_tokens + sequence.context_len)
+            hidden = predicted.cpu_attention + predicted.transfer <= predicted.gpu_attention
+            if not hidden or not self._within_bound(predicted) or (best is not None and rate < best[0]):
+                break  # it would lengthen the iteration, pass the bound, or lower the rate
+            chosen.append(sequence)
+            kv_tokens += sequence.context_len
+            best = (rate, predicted)
         if best is None:
             return None
-        rate, count, predicted = best
-        return rate, IterationDecision(mode=OverlapMode.ASYNC_OVERLAP, cpu_decodes=tuple(ordered[:count]),
+        rate, predicted = best
+        return rate, IterationDecision(mode=OverlapMode.ASYNC_OVERLAP, cpu_decodes=tuple(chosen),
                                        predicted=predicted)
+
+
+class NeoPublishedPolicy(_ProfiledPolicy):
+    """NEO as its public code runs: its scheduler's decision rule on its single-thread runtime.
+
+    Decision, after swiftllm ``server/scheduler.py`` ``Scheduler._decide_mode_and_gen_batch`` (step 3
+    and step 5) with the quantities of ``swiftllm/structs.py`` ``BatchPerfData``: sub-batch 0 holds
+    the prefills and GPU decodes; CPU decodes are taken in FCFS order into the sub-batch ``next``
+    (starting with sub-batch 1); after each, ``remains[j] = linr(batch j^1) + pref(j) + gdec(j) -
+    (cdec(j) + lnch)`` (``Scheduler._get_remains``); when ``min(remains) < 0`` the request is skipped
+    and from then on only requests shorter than it are tried; otherwise ``next`` becomes the
+    sub-batch with more remaining slack. With an empty sub-batch 1 the iteration is GPU-only;
+    otherwise the pipeline runs when ``(|b0| + |b1|) / (gpu_time(b0) + gpu_time(b1))`` beats
+    ``|gpu_only| / gpu_time(gpu_only)``, ``gpu_time = linr + pref + gdec`` (the CPU side is assumed
+    hidden by the slack rule). ``lnch`` is the cost model's ``inline_launch_seconds`` per layer
+    (NEO: 0.8 ms). Not modelled: its steps 2 and 4 (trimming prefills out of a batch; here the
+    engine's token budget decides prefills) and its token budget check on CPU decodes.
+
+    Execution: ``CpuRuntime.INLINE`` (``inline_pipeline_forward_seconds``): the CPU attention blocks
+    the thread that launches the device kernels, and each stage pays the launch time first.
+    """
+
+    name = "neo_published"
+
+    def decide(self, candidate: IterationCandidate) -> IterationDecision:
+        model = self.cost_model
+        layers = max(1, model.num_layers)
+        launch = model.inline_launch_seconds * layers
+        base = self._base_shape(candidate)
+        prefill = model.gpu_prefill_attention(base.prefill_lengths)
+        gpu_decode = model.gpu_decode_attention(base.gpu_decode_kv_tokens, base.num_gpu_decodes)
+        per_token_transfer = self._transfer_seconds(1)
+        first_width = base.num_tokens  # prefill tokens + GPU decodes (NEO's iteration width s)
+        batches: list[list[ScheduledSequence]] = [[], []]
+        kv = [0, 0]
+
+        def remains() -> tuple[float, float]:
+            width = (first_width + len(batches[0]), len(batches[1]))
+            cpu = [model.cpu_decode_attention(kv[j], len(batches[j])) + per_token_transfer * len(batches[j])
+                   + launch for j in (0, 1)]
+            own_gpu = (prefill + gpu_decode, 0.0)
+            return tuple(model.linear(width[j ^ 1], 0) + own_gpu[j] - cpu[j] for j in (0, 1))
+
+        shortest_skipped = float("inf")
+        target = 1
+        for sequence in candidate.cpu_decodes:
+            context = sequence.context_len
+            if context >= shortest_skipped:
+                continue
+            batches[target].append(sequence)
+            kv[target] += context
+            slack = remains()
+            if min(slack) < 0:
+                shortest_skipped = context
+                batches[target].pop()
+                kv[target] -= context
+                continue
+            target = 1 if slack[1] > slack[0] else 0
+        gpu_rate, gpu_only = self._gpu_only(candidate)
+        gpu_only = replace(gpu_only, cpu_runtime=CpuRuntime.INLINE)
+        if not batches[1]:
+            return gpu_only
+        sequential_time = model.linear(first_width, 0) + prefill + gpu_decode
+        pipelined_time = model.linear(first_width + len(batches[0]), 0) + prefill + gpu_decode \
+            + model.linear(len(batches[1]), 0)
+        sequential_rate = base.num_sequences / sequential_time if sequential_time > 0 else base.num_sequences * 1e12
+        pipelined_count = base.num_sequences + len(batches[0]) + len(batches[1])
+        pipelined_rate = pipelined_count / pipelined_time if pipelined_time > 0 else pipelined_count * 1e12
+        if pipelined_rate <= sequential_rate:
+            return gpu_only
+        cpu_decodes = tuple(batches[0] + batches[1])
+        shape = replace(base, mode=OverlapMode.ASYMMETRIC_PIPELINE, cpu_decode_kv_tokens=kv[0] + kv[1],
+                        num_cpu_decodes=len(cpu_decodes), pipeline_split=(kv[0], len(batches[0])),
+                        num_sampled=base.sampled_rows + len(cpu_decodes), cpu_runtime=CpuRuntime.INLINE)
+        return IterationDecision(mode=OverlapMode.ASYMMETRIC_PIPELINE, cpu_decodes=cpu_decodes,
+                                 pipeline_split=len(batches[0]), predicted=predict_iteration(model, shape),
+                                 cpu_runtime=CpuRuntime.INLINE)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apexlib.engine.plan import IterationPlan, OverlapMode, PredictedTimes
+from apexlib.engine.plan import CpuRuntime, IterationPlan, OverlapMode, PredictedTimes
 from apexlib.kvcache.manager import Tier
 from apexlib.profiling.hardware import GB, HardwareSpec
 
@@ -126,6 +126,10 @@ class HybridAdjustment:
 
 IDEAL_OVERLAP = HybridAdjustment()
 
+# The CPU-side launch cost NEO's published predictor charges per pipeline stage and layer
+# (swiftllm/perfpredictor.py, TablePerfPredictor.__init__: ``self.lnch_T = 0.8``, in ms).
+NEO_LAUNCH_SECONDS = 0.8e-3
+
 
 # ----------------------------------------------------------------------------------------------
 # the contract
@@ -142,6 +146,9 @@ class CostModel(ABC):
     source: str = "unknown"
     num_layers: int = 1
     pre_attention_fraction: float = 0.15
+    # NEO's published runtime (CpuRuntime.INLINE): the launching thread's time per pipeline stage and
+    # layer; NEO's predictor charges 0.8 ms (swiftllm/perfpredictor.py, TablePerfPredictor.lnch_T).
+    inline_launch_seconds: float = NEO_LAUNCH_SECONDS
 
     @abstractmethod
     def linear(self, num_tokens: int, num_sampled: int | None = None) -> float:
@@ -198,6 +205,7 @@ class ZeroCostModel(CostModel):
 
     hardware = "none"
     source = "zero cost model"
+    inline_launch_seconds = 0.0
 
     def linear(self, num_tokens: int, num_sampled: int | None = None) -> float:
         return 0.0
@@ -491,6 +499,7 @@ class RooflineCostModel(CostModel):
     transfer_latency_seconds: float = 10e-6
     per_layer_launch_seconds: float = 20e-6
     iteration_overhead_seconds: float = 1e-3
+    inline_launch_seconds: float = NEO_LAUNCH_SECONDS
     efficiency_source: str = DEFAULT_EFFICIENCY_SOURCE
 
     @property
@@ -645,9 +654,11 @@ class IterationShape:
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
     num_sampled: int | None = None
+    cpu_runtime: CpuRuntime | str = CpuRuntime.WORKER
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", OverlapMode(self.mode))
+        object.__setattr__(self, "cpu_runtime", CpuRuntime(self.cpu_runtime))
         object.__setattr__(self, "prefill_lengths", tuple(int(n) for n in self.prefill_lengths))
         if self.mode is OverlapMode.NONE and self.num_cpu_decodes:
             raise ValueError("mode 'none' runs no CPU decodes (they wait); num_cpu_decodes must be 0")
@@ -703,7 +714,7 @@ def shape_from_plan(plan: IterationPlan, transfer_bytes_per_cpu_token: int = 0,
         gpu_decode_kv_tokens=gpu_kv, num_gpu_decodes=gpu_count, cpu_decode_kv_tokens=cpu_kv,
         num_cpu_decodes=cpu_count, pipeline_split=split, transfer_bytes_per_cpu_token=transfer_bytes_per_cpu_token,
         transfer_to_cpu_fraction=transfer_to_cpu_fraction, swap_out_bytes=len(plan.swap_out) * kv_bytes_per_block,
-        swap_in_bytes=len(plan.swap_in) * kv_bytes_per_block, num_sampled=sampled)
+        swap_in_bytes=len(plan.swap_in) * kv_bytes_per_block, num_sampled=sampled, cpu_runtime=plan.cpu_runtime)
 
 
 def _cpu_job_seconds(cost_model: CostModel, shape: IterationShape, kv_tokens: int, count: int) -> tuple[float, float]:
@@ -776,15 +787,22 @@ def predict_iteration(cost_model: CostModel, shape: IterationShape) -> Predicted
         linear_a = slowdown * cost_model.linear(first_tokens, 0)
         linear_b = slowdown * cost_model.linear(second_count, 0)
         gpu_attention *= slowdown
-        forward = pipeline_forward_seconds(
-            layers, cost_model.pre_attention_fraction, linear_a / layers, linear_b / layers,
-            gpu_attention / layers, (cpu_a + copies_a) / layers, (cpu_b + copies_b) / layers,
-            job_seconds=job_seconds if first_count else 0.0, job_seconds_b=job_seconds,
-            first_has_job=first_count > 0)
+        if shape.cpu_runtime is CpuRuntime.INLINE:
+            launch = cost_model.inline_launch_seconds
+            forward = inline_pipeline_forward_seconds(
+                layers, linear_a / layers, linear_b / layers, gpu_attention / layers,
+                (cpu_a + copies_a) / layers, (cpu_b + copies_b) / layers, launch)
+            job_overhead = 2 * layers * launch
+        else:
+            forward = pipeline_forward_seconds(
+                layers, cost_model.pre_attention_fraction, linear_a / layers, linear_b / layers,
+                gpu_attention / layers, (cpu_a + copies_a) / layers, (cpu_b + copies_b) / layers,
+                job_seconds=job_seconds if first_count else 0.0, job_seconds_b=job_seconds,
+                first_has_job=first_count > 0)
+            job_overhead = layers * job_seconds * (2 if first_count else 1)
         return PredictedTimes(linear=linear_a + linear_b + sample, gpu_attention=gpu_attention,
                               cpu_attention=cpu_a + cpu_b, transfer=copies_a + copies_b + swaps,
-                              overhead=overhead + layers * job_seconds * (2 if first_count else 1),
-                              total=swaps + forward + sample + overhead)
+                              overhead=overhead + job_overhead, total=swaps + forward + sample + overhead)
     # async overlap (and a pipeline with one empty sub-batch)
     adjustment = cost_model.hybrid_adjustment(OverlapMode.ASYNC_OVERLAP)
     cpu_attention, copies = _cpu_job_seconds(cost_model, shape, shape.cpu_decode_kv_tokens, shape.num_cpu_decodes)
@@ -794,6 +812,9 @@ def predict_iteration(cost_model: CostModel, shape: IterationShape) -> Predicted
     jobs = layers * adjustment.per_job_seconds
     longer, shorter = sorted((gpu_attention, cpu_attention + copies), reverse=True)
     forward = linear + jobs + longer + adjustment.serial_fraction * shorter
+    if shape.cpu_runtime is CpuRuntime.INLINE:  # one blocking thread: nothing overlaps the CPU job
+        jobs = layers * cost_model.inline_launch_seconds
+        forward = linear + jobs + gpu_attention + cpu_attention + copies
     return PredictedTimes(linear=linear + sample, gpu_attention=gpu_attention, cpu_attention=cpu_attention,
                           transfer=copies + swaps, overhead=overhead + jobs,
                           total=swaps + forward + sample + overhead)
@@ -827,6 +848,33 @@ def pipeline_forward_seconds(num_layers: int, pre_fraction: float, linear_a: flo
         device = max(device, end_a) + post_a  # finish A(i)
         end_b_previous = end_b
     return max(device, end_b_previous) + post_b
+
+
+def inline_pipeline_forward_seconds(num_layers: int, linear_a: float, linear_b: float, gpu_attention_a: float,
+                                    cpu_a: float, cpu_b: float, launch_seconds: float) -> float:
+    """Finish time of NEO's published two-sub-batch schedule on ONE thread (per-layer inputs).
+
+    swiftllm ``worker/layers/transformer_layer.py``, ``TransformerLayer.forward_double`` /
+    ``_forward_pipeline_stage``: every layer runs two stages. Stage 0 launches sub-batch A's linear
+    work (post-projection of layer i, pre-projection of layer i+1), then runs B's CPU attention as a
+    blocking call (``torch.ops.pacpu.paged_attention_cpu`` in ``_attention``); stage 1 launches B's
+    linear work and A's device attention, then runs A's CPU attention. The thread first spends
+    ``launch_seconds`` launching the stage's kernels (NEO's predictor charges this as ``lnch_T``,
+    ``swiftllm/perfpredictor.py`` ``TablePerfPredictor``), then waits for the q/k/v of the previous
+    stage's device work (``qkvtr_e.synchronize()``) before its CPU attention; the device cannot start a
+    stage before the thread has finished the previous stage's blocking call and launched it, and the
+    stage's linear work needs the previous stage's attention output (``_compute_wait_comm``).
+    """
+    device_end = thread_end = 0.0
+    stages = ((linear_a, cpu_b), (linear_b + gpu_attention_a, cpu_a))
+    for _ in range(num_layers):
+        for device_work, cpu_work in stages:
+            start = thread_end
+            device_start = max(device_end, start)
+            launched = start + launch_seconds
+            thread_end = max(launched, device_end) + cpu_work if cpu_work > 0 else launched
+            device_end = max(device_start + device_work, launched)
+    return max(device_end, thread_end)
 
 
 def datasheet_profile_path(key: str, directory: str | Path = "data/profiles") -> Path:

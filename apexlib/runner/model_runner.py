@@ -25,7 +25,7 @@ import torch
 
 from apexlib.attention import cpu as cpu_attention
 from apexlib.attention.base import AttentionBackend, AttentionMetadata
-from apexlib.engine.plan import IterationPlan, OverlapMode, RunnerOutput, ScheduledSequence
+from apexlib.engine.plan import CpuRuntime, IterationPlan, OverlapMode, RunnerOutput, ScheduledSequence
 from apexlib.kvcache.manager import Tier
 from apexlib.kvcache.storage import KVStorage, copy_blocks
 from apexlib.model.llama import LlamaModel
@@ -121,6 +121,7 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler(seed)
         self.worker = worker
+        self._inline = False  # the current plan runs CPU jobs on this thread (CpuRuntime.INLINE)
         self.profile = profile
         self.cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -135,6 +136,7 @@ class ModelRunner:
         clock = _SubtaskClock(self.device, self.profile)
         self.sampler.release(plan.finished_request_ids)
         self._apply_swaps(plan, clock)
+        self._inline = plan.cpu_runtime is CpuRuntime.INLINE
         if not plan.sequences:
             return RunnerOutput(sampled_token_ids={}, subtask_seconds=clock.resolve())
         has_cpu_rows = bool(plan.cpu_decodes) or any(s.tier is Tier.CPU for s in plan.prefills)
@@ -316,6 +318,10 @@ class ModelRunner:
                 done.record(copy_stream)
             return on_device, done
 
+        if self._inline:  # NEO's published runtime: a blocking call on the launching thread
+            inline = CpuJob(job)
+            inline.run()
+            return inline
         return self.worker.submit(job)
 
     def _collect_cpu_job(self, job: CpuJob) -> torch.Tensor | None:

@@ -1,0 +1,140 @@
+"""APEX's decision rule against NEO's plans, NEO's published runtime, and the progress bound.
+
+Hand-derived numbers use the linear-cost fake model of test_policies (every expectation in a docstring).
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_policies import MS, SPLIT_CHEAP, LinearCosts, candidate
+
+from apexlib.bench.workloads import get_preset
+from apexlib.engine.plan import CpuRuntime, OverlapMode
+from apexlib.policies.base import IterationCandidate
+from apexlib.policies.profiled import ApexPolicy, NeoPolicy, NeoPublishedPolicy
+from apexlib.profiling.cost_model import (
+    IterationShape,
+    ModelShape,
+    datasheet_profile_path,
+    inline_pipeline_forward_seconds,
+    load_cost_model,
+    predict_iteration,
+)
+from apexlib.sim.simulator import model_config_for_shape, simulate
+
+
+def test_inline_pipeline_is_gpu_bound_when_the_cpu_work_fits():
+    """One layer; A's linear 10, B's linear 10, B's CPU job 5 after a launch of 1: the thread finishes at
+    6 while the device runs stage 0 to 10 and stage 1 to 20: the forward takes Lin(A) + Lin(B) = 20."""
+    assert inline_pipeline_forward_seconds(1, 10.0, 10.0, 0.0, 0.0, 5.0, 1.0) == pytest.approx(20.0)
+
+
+def test_inline_pipeline_serialises_launch_and_cpu_work_when_cpu_bound():
+    """Two layers, linear 1 per sub-batch, CPU jobs 5 each, launch 1: each of the 4 stages is launch +
+    CPU job on the one thread (the device idles): 4 x 6 = 24. The two-thread runtime's schedule hides
+    the launches: it is faster on the same numbers."""
+    inline = inline_pipeline_forward_seconds(2, 1.0, 1.0, 0.0, 5.0, 5.0, 1.0)
+    assert inline == pytest.approx(24.0)
+
+
+def test_inline_runtime_costs_more_than_the_worker_runtime_for_the_same_plan():
+    """Same CPU-bound pipeline shape; INLINE pays NEO's 0.8 ms launch per stage and layer (32 layers,
+    2 stages: >= 51.2 ms more than the per-stage CPU work alone)."""
+    shape = IterationShape(mode=OverlapMode.ASYMMETRIC_PIPELINE, gpu_decode_kv_tokens=8000, num_gpu_decodes=8,
+                           cpu_decode_kv_tokens=40000, num_cpu_decodes=20, pipeline_split=(20000, 10))
+    worker = predict_iteration(SPLIT_CHEAP, shape)
+    inline = predict_iteration(SPLIT_CHEAP, IterationShape(**{**shape.__dict__, "cpu_runtime": CpuRuntime.INLINE}))
+    assert inline.total > worker.total
+    assert inline.total >= 80 * MS + 2 * 32 * 0.8 * MS - 1e-9  # CPU work 80 ms + launches
+
+
+def test_neo_published_follows_the_slack_rule_with_its_launch_cost():
+    """8 GPU decodes of 1000 tokens, linear 1 + 0.5/token ms (SPLIT_CHEAP): sub-batch 0 has width 8
+    (5 ms linear), G = 8 ms. CPU decodes of 1000 tokens cost 2 ms each; NEO's launch adds 32 x 0.8 =
+    25.6 ms to every sub-batch's CPU time, so no CPU decode fits the slack (remains[1] = 5 - 2 - 25.6 < 0)
+    and NEO's published scheduler runs GPU-only. With a zero launch cost it pipelines."""
+    state = candidate([1000] * 8, [1000] * 6)
+    decision = NeoPublishedPolicy(SPLIT_CHEAP).decide(state)
+    assert decision.mode is OverlapMode.NONE and decision.cpu_decodes == ()
+    cheap_launch = LinearCosts(fixed=1 * MS, per_token=0.5 * MS, gpu_per_kv=1e-6, cpu_per_kv=2e-6)
+    cheap_launch.inline_launch_seconds = 0.0
+    decision = NeoPublishedPolicy(cheap_launch).decide(state)
+    assert decision.mode is OverlapMode.ASYMMETRIC_PIPELINE and decision.cpu_runtime is CpuRuntime.INLINE
+    assert decision.cpu_decodes and decision.predicted.total > 0
+
+
+def test_apex_keeps_every_request_neo_would_advance():
+    """30 GPU decodes, 20 CPU decodes of 1000 tokens (SPLIT_CHEAP): NEO pipelines a set A of them.
+    APEX's plan advances every request of A (whatever mode it picks) at a rate >= NEO's."""
+    state = candidate([300] * 30, [1000] * 20)
+    neo = NeoPolicy(SPLIT_CHEAP).decide(state)
+    apex = ApexPolicy(SPLIT_CHEAP).decide(state)
+    assert {s.request_id for s in neo.cpu_decodes} <= {s.request_id for s in apex.cpu_decodes}
+    neo_rate = (30 + len(neo.cpu_decodes)) / neo.predicted.total
+    assert (30 + len(apex.cpu_decodes)) / apex.predicted.total >= neo_rate * (1 - 1e-9)
+
+
+def test_apex_overlap_takes_only_free_riders_beyond_neo():
+    """Bandwidth-bound GPU (10 ms weight pass), 8 GPU decodes of 1000 tokens: G = 8 ms. CPU decodes of
+    100, 100, 100 and 6000 tokens (0.2 ms each, 12 ms). NEO: all four fit its slack, but the pipeline
+    (12 tokens / ~28.1 ms = 427/s) loses to GPU-only (8 / 18.08 ms = 442/s): GPU-only. APEX overlaps the
+    three short ones (0.6 ms, hidden under G: 11 / 18.11 ms = 607/s); the long one (12.6 ms) would
+    lengthen the iteration past G, so it is no free rider."""
+    bandwidth_bound = LinearCosts(fixed=10 * MS, per_token=0.01 * MS, gpu_per_kv=1e-6, cpu_per_kv=2e-6)
+    state = candidate([1000] * 8, [100, 6000, 100, 100])
+    assert NeoPolicy(bandwidth_bound).decide(state).mode is OverlapMode.NONE
+    apex = ApexPolicy(bandwidth_bound).decide(state)
+    assert apex.mode is OverlapMode.ASYNC_OVERLAP
+    assert sorted(s.context_len for s in apex.cpu_decodes) == [100, 100, 100]
+    assert apex.predicted.total == pytest.approx(18.11 * MS, rel=1e-6)
+
+
+def test_apex_forces_an_overdue_request_in():
+    """Same state, but the 20000-token CPU decode (40 ms, never a free rider) has waited the bound: APEX
+    must advance it this iteration, whatever the rate."""
+    bandwidth_bound = LinearCosts(fixed=10 * MS, per_token=0.01 * MS, gpu_per_kv=1e-6, cpu_per_kv=2e-6)
+    state = candidate([1000] * 8, [1000, 1000, 20000])
+    policy = ApexPolicy(bandwidth_bound, max_stall_iterations=3)
+    assert "c2" not in {s.request_id for s in policy.decide(state).cpu_decodes}
+    overdue = IterationCandidate(prefills=(), gpu_decodes=state.gpu_decodes, cpu_decodes=state.cpu_decodes,
+                                 cpu_stalls=(0, 0, 3))
+    assert "c2" in {s.request_id for s in policy.decide(overdue).cpu_decodes}
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "8"])
+def test_max_stall_iterations_is_validated(bad):
+    with pytest.raises(ValueError, match="max_stall_iterations"):
+        ApexPolicy(SPLIT_CHEAP, max_stall_iterations=bad)
+
+
+@pytest.fixture(scope="module")
+def t4_llama2():
+    return load_cost_model(datasheet_profile_path("t4", "data/profiles"),
+                           ModelShape.from_config(model_config_for_shape("llama-2-7b")), "float16")
+
+
+def test_progress_bound_holds_in_a_cpu_bound_run(t4_llama2, monkeypatch):
+    """A CPU-bound T4 run (many CPU-resident decodes, NEO's slack admits few): no CPU decode offered to
+    APEX ever has waited more than the bound, and every request finishes."""
+    seen = []
+    original = ApexPolicy.decide
+
+    def recording(self, candidate):
+        seen.append(max(candidate.cpu_stalls, default=0))
+        return original(self, candidate)
+
+    monkeypatch.setattr(ApexPolicy, "decide", recording)
+    workload = get_preset("grid-point", prompt_len=128, output_len=256, num_requests=48, seed=0)
+    result = simulate(workload, model="llama-2-7b", policy="apex", cost_model=t4_llama2, cpu_kv_gib=4.0,
+                      max_stall_iterations=4, max_model_len=workload.max_total_len, record_iterations=False)
+    assert result.summary.completed == 48
+    assert max(seen) <= 4 and max(seen) >= 1  # requests did wait, and never past the bound
+
+
+def test_apex_is_not_beaten_by_its_baselines_on_a_small_t4_point(t4_llama2):
+    """The design claim on a small simulated point: APEX >= 0.98 x the best of GPU-only and both NEOs."""
+    workload = get_preset("grid-point", prompt_len=128, output_len=512, num_requests=48, seed=0)
+    rates = {policy: simulate(workload, model="llama-2-7b", policy=policy, cost_model=t4_llama2, cpu_kv_gib=8.0,
+                              max_model_len=workload.max_total_len, record_iterations=False).summary.output_throughput
+             for policy in ("gpu_only", "neo", "neo_published", "apex")}
+    assert rates["apex"] >= 0.98 * max(rate for policy, rate in rates.items() if policy != "apex"), rates
