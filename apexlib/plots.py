@@ -23,9 +23,21 @@ import seaborn as sns  # noqa: E402
 logger = logging.getLogger(__name__)
 
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
-POLICY_ORDER = ("gpu_only", "neo", "apex", "hybrid", "vllm")
-POLICY_LABELS = {"gpu_only": "GPU-only (vLLM-like)", "neo": "NEO (asymmetric pipelining)",
-                 "apex": "APEX (async overlap + pipelining)", "hybrid": "fixed hybrid", "vllm": "vLLM"}
+POLICY_ORDER = ("gpu_only", "neo_published", "neo", "apex", "hybrid", "vllm")
+POLICY_LABELS = {"gpu_only": "GPU-only (vLLM-like)", "neo_published": "NEO (published runtime)",
+                 "neo": "NEO policy on apexlib's runtime", "apex": "APEX (async overlap + pipelining)",
+                 "hybrid": "fixed hybrid", "vllm": "vLLM"}
+
+
+def policy_label(policy: str) -> str:
+    """The name a reader sees for a policy (or a variant label, which is returned as it is)."""
+    return POLICY_LABELS.get(policy, policy)
+
+
+def _labelled(frame: pd.DataFrame, column: str = "policy") -> tuple[pd.DataFrame, list[str]]:
+    """``frame`` with its policies replaced by their labels, and the labels in plotting order."""
+    order = [policy_label(p) for p in _policy_order(frame, column)]
+    return frame.assign(**{column: frame[column].map(policy_label)}), order
 
 
 def provenance_caption(*, executor: str, source: str, model: str, workload: str) -> str:
@@ -48,8 +60,8 @@ def save_figure(fig: plt.Figure, name: str, directory: str | Path | None = None)
     target = Path(directory) if directory is not None else FIGURES_DIR
     target.mkdir(parents=True, exist_ok=True)
     paths = [target / f"{name}.png", target / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")  # keeps a legend placed beside the axes
+    fig.savefig(paths[1], bbox_inches="tight")
     plt.close(fig)
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     return paths
@@ -63,14 +75,35 @@ def _policy_order(frame: pd.DataFrame, column: str = "policy") -> list[str]:
 def throughput_by_policy(frame: pd.DataFrame, *, x: str, title: str, caption: str,
                          y: str = "output_throughput", col: str | None = None,
                          ylabel: str = "output tokens / s") -> plt.Figure:
-    """Grouped bars: ``y`` per ``x`` setting, one bar per policy (optionally one panel per ``col``)."""
-    grid = sns.catplot(data=frame, kind="bar", x=x, y=y, hue="policy", hue_order=_policy_order(frame), col=col,
-                       height=3.4, aspect=1.3, sharey=False, errorbar=None)
-    grid.set_axis_labels(x.replace("_", " "), ylabel)
-    sns.move_legend(grid, "upper left", bbox_to_anchor=(1.0, 0.95))
-    for axis in grid.axes.flat:
-        axis.tick_params(axis="x", rotation=30)
-    return _finish(grid.figure, title, caption)
+    """Grouped bars: ``y`` per ``x`` setting, one bar per policy (optionally one panel per ``col``), with a
+    legend naming each policy beside the panels. When ``frame`` has ``<y>_low`` and ``<y>_high`` columns
+    (the results over an assumption's range), each bar carries that range as an error bar."""
+    frame, order = _labelled(frame)
+    panels = list(dict.fromkeys(frame[col])) if col else [None]
+    settings = list(dict.fromkeys(frame[x]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 2.2, 3.6), squeeze=False)
+    colors = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+    width = 0.8 / max(1, len(order))
+    ranged = f"{y}_low" in frame and f"{y}_high" in frame
+    for axis, panel in zip(axes[0], panels, strict=True):
+        part = frame if panel is None else frame[frame[col] == panel]
+        for index, policy in enumerate(order):
+            rows = part[part["policy"] == policy].set_index(x).reindex(settings)
+            positions = [i + (index - (len(order) - 1) / 2) * width for i in range(len(settings))]
+            error = None
+            if ranged:
+                error = [(rows[y] - rows[f"{y}_low"]).clip(lower=0), (rows[f"{y}_high"] - rows[y]).clip(lower=0)]
+            axis.bar(positions, rows[y], width=width, color=colors[policy], label=policy, yerr=error,
+                     capsize=2 if ranged else 0, error_kw={"linewidth": 0.8})
+        axis.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=8)
+        axis.set_xlabel(x.replace("_", " "))
+        axis.set_ylabel(ylabel)
+        if panel is not None:
+            axis.set_title(str(panel), fontsize=9)
+    note = " (error bars: results over the assumptions' low..high range)" if ranged else ""
+    axes[0][-1].legend(title=f"policy{note}", fontsize=7, title_fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))
+    return _finish(fig, title, caption)
 
 
 def throughput_vs_parameter(frame: pd.DataFrame, *, x: str, title: str, caption: str, xlabel: str,
@@ -79,7 +112,8 @@ def throughput_vs_parameter(frame: pd.DataFrame, *, x: str, title: str, caption:
     """Lines: ``y`` against a swept parameter ``x``, one line per policy; ``marks`` are labelled
     vertical lines (x, label) at reference values."""
     fig, axis = plt.subplots(figsize=(6.8, 3.8))
-    sns.lineplot(data=frame, x=x, y=y, hue="policy", hue_order=_policy_order(frame), marker="o", ax=axis)
+    frame, order = _labelled(frame)
+    sns.lineplot(data=frame, x=x, y=y, hue="policy", hue_order=order, marker="o", ax=axis)
     top = axis.get_ylim()[1]
     for value, label in marks:
         axis.axvline(value, color="grey", linestyle="--", linewidth=0.8)
@@ -105,14 +139,15 @@ def latency_vs_load(frame: pd.DataFrame, *, title: str, caption: str, x: str = "
                     throughput: str = "output_throughput") -> plt.Figure:
     """Throughput and latency against request rate, one line per policy."""
     columns = [throughput, *metrics]
-    fig, axes = plt.subplots(1, len(columns), figsize=(4.0 * len(columns), 3.4))
-    order = _policy_order(frame)
+    fig, axes = plt.subplots(1, len(columns), figsize=(4.0 * len(columns) + 1.5, 3.4))
+    frame, order = _labelled(frame)
     for axis, metric in zip(axes, columns, strict=True):
         sns.lineplot(data=frame, x=x, y=metric, hue="policy", hue_order=order, marker="o", ax=axis)
         axis.set_xlabel("request rate (req/s)")
-        axis.set_ylabel(metric.replace("_s", " (s)").replace("_", " "))
-        if axis is not axes[0]:
+        axis.set_ylabel("output tokens / s" if metric == throughput else metric.replace("_s", " (s)").replace("_", " "))
+        if axis is not axes[-1]:
             axis.get_legend().remove()
+    sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy")
     return _finish(fig, title, caption)
 
 
@@ -120,10 +155,12 @@ def mode_breakdown(iterations: pd.DataFrame, *, title: str, caption: str, by: st
     """Share of iterations per execution mode (none / async_overlap / asymmetric_pipeline)."""
     shares = (iterations.groupby([by, "mode"]).size().rename("iterations").reset_index())
     shares["share"] = shares["iterations"] / shares.groupby(by)["iterations"].transform("sum")
-    fig, axis = plt.subplots(figsize=(5.5, 3.4))
+    fig, axis = plt.subplots(figsize=(7.0, 3.6))
     sns.barplot(data=shares, x=by, y="share", hue="mode", ax=axis,
                 hue_order=[m for m in ("none", "async_overlap", "asymmetric_pipeline") if m in set(shares["mode"])])
     axis.set_ylabel("share of iterations")
+    axis.tick_params(axis="x", rotation=20, labelsize=7)
+    sns.move_legend(axis, "upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="execution mode")
     return _finish(fig, title, caption)
 
 

@@ -5,6 +5,7 @@ Quick runs write under build/quick/, never over the versioned data/results or fi
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -34,5 +35,22 @@ def test_notebook_runs_quick(path, tmp_path):
     papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"quick": True},
                                cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
     figures = ROOT / "build" / "quick" / "figures"
+    for name in figure_names(path):
+        assert (figures / f"{name}.png").is_file(), f"{path.stem} did not write figure {name}.png"
     if path.stem not in ("00-environment",):
-        assert any(figures.glob(f"{path.stem[:2]}-*.png")), f"{path.stem} wrote no figure"
+        assert figure_names(path), f"{path.stem} names no figure"
+
+
+def figure_names(path: Path) -> list[str]:
+    """The figures a notebook saves: the names of its ``plots.save_figure(fig, "<name>", ...)`` calls."""
+    import nbformat
+
+    source = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+    return re.findall(r'save_figure\(\s*fig\s*,\s*"([^"]+)"', source)
+
+
+def test_every_named_figure_is_committed():
+    """figures/ holds the PNG of every figure a notebook names (`make figures` rewrites them from data/results)."""
+    missing = [f"{name}.png" for path in NOTEBOOKS for name in figure_names(path)
+               if not (ROOT / "figures" / f"{name}.png").is_file()]
+    assert not missing, f"figures/ lacks {missing}: run `make figures` and commit the PNGs"
