@@ -10,7 +10,7 @@ the workload.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -134,6 +134,41 @@ def gain_over_baseline(frame: pd.DataFrame, *, x: str, baseline: str = "gpu_only
     return joined
 
 
+def with_scenario_range(frame: pd.DataFrame, *, keys: Sequence[str], y: str = "output_throughput",
+                        scenario: str = "scenario", central: str = "central") -> pd.DataFrame:
+    """The ``central`` scenario's rows, with ``<y>_low`` / ``<y>_high``: the min / max of ``y`` over every
+    scenario of the same ``keys`` (the spread of a result over the assumptions' range)."""
+    spread = frame.groupby(list(keys))[y].agg(["min", "max"]).rename(columns={"min": f"{y}_low", "max": f"{y}_high"})
+    return frame[frame[scenario] == central].join(spread, on=list(keys))
+
+
+def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, panel: str,
+                          latencies: Sequence[str] = ("tpot_p90_s", "ttft_p90_s"),
+                          slo: Mapping[str, float] | None = None, throughput: str = "output_throughput") -> plt.Figure:
+    """Output throughput against each latency percentile (one point per request rate, one line per
+    policy), one row of panels per ``panel`` value; ``slo`` maps a panel value to its TPOT SLO (a
+    vertical line on the TPOT panels)."""
+    frame, order = _labelled(frame)
+    panels = list(dict.fromkeys(frame[panel]))
+    fig, axes = plt.subplots(len(panels), len(latencies), figsize=(4.2 * len(latencies) + 2.0, 2.9 * len(panels)),
+                             squeeze=False)
+    for row, value in enumerate(panels):
+        part = frame[frame[panel] == value].sort_values("rate")
+        for column, metric in enumerate(latencies):
+            axis = axes[row][column]
+            sns.lineplot(data=part, x=metric, y=throughput, hue="policy", hue_order=order, marker="o", sort=False,
+                         estimator=None, ax=axis, legend=row == 0 and column == len(latencies) - 1)
+            if slo is not None and metric.startswith("tpot") and value in slo:
+                axis.axvline(slo[value], color="grey", linestyle="--", linewidth=0.8)
+                axis.text(slo[value], axis.get_ylim()[1], " SLO", fontsize=7, va="top", color="grey")
+            axis.set_xscale("log")
+            axis.set_xlabel(metric.replace("_p90_s", " p90 (s)").replace("_", " "))
+            axis.set_ylabel("output tokens / s")
+            axis.set_title(str(value), fontsize=8)
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy")
+    return _finish(fig, title, caption)
+
+
 def latency_vs_load(frame: pd.DataFrame, *, title: str, caption: str, x: str = "rate",
                     metrics: Sequence[str] = ("ttft_median_s", "tpot_median_s"),
                     throughput: str = "output_throughput") -> plt.Figure:
@@ -181,14 +216,17 @@ def paper_comparison(frame: pd.DataFrame, *, title: str, caption: str) -> plt.Fi
     positions = range(len(frame))
     low = frame["ours_min"] if "ours_min" in frame else 0.0
     axis.bar(positions, frame["ours"] - low, bottom=low, color="tab:blue", alpha=0.8,
-             label="apexlib (this reproduction): min..max over the grid")
+             label="apexlib (simulated): min..max over the grid and the assumptions' range")
+    if "central_max" in frame:
+        axis.scatter(positions, frame["central_max"], marker="_", s=200, color="navy", zorder=3,
+                     label="apexlib: max over the grid, central assumptions")
     axis.axhline(0.0, color="grey", linewidth=0.8)
     axis.errorbar(positions, (frame["paper_low"] + frame["paper_high"]) / 2,
                   yerr=(frame["paper_high"] - frame["paper_low"]) / 2, fmt="o", color="black",
                   capsize=4, label="paper (reported range)")
     axis.set_xticks(list(positions), frame["setting"], rotation=20, ha="right", fontsize=8)
     axis.set_ylabel("throughput gain (%)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _finish(fig, title, caption)
 
 

@@ -29,7 +29,7 @@ All times are in seconds and must come from the same clock (absolute or relative
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -368,3 +368,14 @@ def sliced_throughput(timings: Iterable[RequestTiming], low: float = 0.1, high: 
     if span <= 0:
         raise ValueError("the kept completions all finish at the same time; throughput is undefined")
     return (last - first) / span
+
+
+def best_within_slo(rows: Sequence[Mapping[str, Any]], *, bound: float, metric: str = "tpot_p90_s",
+                    value: str = "output_throughput") -> Mapping[str, Any] | None:
+    """The row with the highest ``value`` among ``rows`` (one per request rate) whose ``metric`` is at
+    most ``bound`` seconds: the throughput a service reaches while that latency percentile holds its
+    SLO. None when no row meets it."""
+    if not (_is_finite_number(bound) and bound > 0):
+        raise ValueError(f"bound must be a finite number of seconds > 0, got {bound!r}")
+    meeting = [row for row in rows if _is_finite_number(row.get(metric)) and row[metric] <= bound]
+    return max(meeting, key=lambda row: row[value], default=None)
