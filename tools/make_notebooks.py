@@ -308,7 +308,11 @@ slo_factor = 1.5
 cpu_kv_gib = 20.0''', [
     ("code", SIM_IMPORTS),
     ("code", '''from apexlib.bench.metrics import best_within_slo
+from apexlib.profiling.assumptions import assumptions_table
 from apexlib.sim.batch import SimulationJob, simulate_rows
+
+# The assumptions behind these curves (central values used here; notebook 03 shows their spread)
+display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
 
 if quick:
     combos, num_requests = combos[:1], 30
@@ -503,7 +507,11 @@ code runs (its scheduler's slack rule with its 0.8 ms per-stage launch charge, a
 blocking call on the thread that launches GPU kernels), the baseline the paper measured; **NEO policy on
 apexlib's runtime** is NEO's decision rule on our two-thread runtime. APEX's gain over the first includes
 the runtime; over the second it is the scheduling rule alone.""", "", [
-    ("code", '''reported = pd.read_csv("../data/paper/reported.csv")
+    ("code", '''from apexlib.profiling.assumptions import assumptions_table
+
+# The assumptions behind our gains, with the range their error bars span
+display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
+reported = pd.read_csv("../data/paper/reported.csv")
 display(reported[reported["system"] == "APEX"][["source", "baseline", "gpu", "setting", "metric", "value", "unit"]])
 simulated_dir = plots.output_paths("03-offline-throughput", quick)[0]
 simulated = pd.read_csv(simulated_dir / "simulated.csv")
