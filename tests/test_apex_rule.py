@@ -138,3 +138,20 @@ def test_apex_is_not_beaten_by_its_baselines_on_a_small_t4_point(t4_llama2):
                               max_model_len=workload.max_total_len, record_iterations=False).summary.output_throughput
              for policy in ("gpu_only", "neo", "neo_published", "apex")}
     assert rates["apex"] >= 0.98 * max(rate for policy, rate in rates.items() if policy != "apex"), rates
+
+
+@pytest.mark.parametrize("context, mode", [(1000, OverlapMode.ASYNC_OVERLAP), (2000, OverlapMode.ASYMMETRIC_PIPELINE)])
+def test_apex_mode_flips_where_the_composition_says(context, mode):
+    """Bandwidth-bound GPU: Lin = 10 ms per weight pass, 8 GPU decodes of 1000 tokens (G = 8 ms), 6 CPU
+    decodes. NEO pipelines all 6 in both cases (14 tokens / ~28 ms beats GPU-only's 8 / 18 ms). With the
+    same set, overlap costs Lin + max(G, C) and the pipeline about Lin(A) + G + Lin(B) = 28 ms, so overlap
+    wins while C < G + Lin(B) = 18 ms: at 1000 tokens C = 12 ms (overlap: 22.1 ms), at 2000 tokens
+    C = 24 ms (overlap: 34.1 ms, the pipeline wins)."""
+    bandwidth_bound = LinearCosts(fixed=10 * MS, per_token=0.01 * MS, gpu_per_kv=1e-6, cpu_per_kv=2e-6)
+    state = candidate([1000] * 8, [context] * 6)
+    neo = NeoPolicy(bandwidth_bound).decide(state)
+    assert neo.mode is OverlapMode.ASYMMETRIC_PIPELINE and len(neo.cpu_decodes) == 6
+    apex = ApexPolicy(bandwidth_bound).decide(state)
+    assert apex.mode is mode and len(apex.cpu_decodes) == 6
+    if mode is OverlapMode.ASYNC_OVERLAP:
+        assert apex.predicted.total == pytest.approx((10.14 + 12) * MS, rel=1e-6)

@@ -10,7 +10,13 @@ import pytest
 from apexlib.bench.metrics import best_within_slo
 from apexlib.bench.workloads import get_preset
 from apexlib.profiling.assumptions import ASSUMPTIONS, SCENARIOS, Assumption, assumption, scenario_cost_model
-from apexlib.profiling.cost_model import LLAMA2_7B, ModelShape, RooflineCostModel, datasheet_profile_path, load_cost_model
+from apexlib.profiling.cost_model import (
+    LLAMA2_7B,
+    ModelShape,
+    RooflineCostModel,
+    datasheet_profile_path,
+    load_cost_model,
+)
 from apexlib.profiling.hardware import get_hardware
 from apexlib.sim.batch import SimulationJob, simulate_rows
 from apexlib.sim.simulator import model_config_for_shape, simulate
