@@ -20,6 +20,7 @@ the runner's schedule (``apexlib/runner/model_runner.py``); see its docstring fo
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import math
@@ -518,9 +519,19 @@ class RooflineCostModel(CostModel):
     def pre_attention_fraction(self) -> float:  # type: ignore[override]
         return self.shape.pre_attention_fraction
 
-    @property
+    @functools.cached_property
     def _element(self) -> int:
         return DTYPE_BYTES[self.dtype]
+
+    # The simulator calls linear() hundreds of thousands of times per run: the parameter counts are
+    # computed once per instance (the same integers, so the same floats as computing them each call).
+    @functools.cached_property
+    def _model_parameters(self) -> int:
+        return self.shape.layer_parameters * self.shape.num_layers
+
+    @functools.cached_property
+    def _head_parameters(self) -> int:
+        return self.shape.vocab_size * self.shape.hidden_size
 
     def _device_time(self, num_bytes: float, flops: float, bandwidth_efficiency: float) -> float:
         memory = num_bytes / (self.spec.memory_bandwidth_gbps * GB * bandwidth_efficiency)
@@ -529,8 +540,8 @@ class RooflineCostModel(CostModel):
 
     def linear(self, num_tokens: int, num_sampled: int | None = None) -> float:
         sampled = num_tokens if num_sampled is None else num_sampled
-        params = self.shape.layer_parameters * self.shape.num_layers
-        head = self.shape.vocab_size * self.shape.hidden_size
+        params = self._model_parameters
+        head = self._head_parameters
         total = 0.0
         if num_tokens > 0:
             total += self._device_time(params * self._element, 2.0 * params * num_tokens, self.memory_efficiency)
