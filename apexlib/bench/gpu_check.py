@@ -169,7 +169,8 @@ class TimeLimitReached(RuntimeError):
     """The run used its time limit before a step could start."""
 
     def __init__(self, step: str, elapsed: float, limit: float) -> None:
-        super().__init__(f"not starting step {step!r}: the run has used {elapsed:.0f} s of its {limit:.0f} s limit")
+        super().__init__(f"not starting step {step!r}: the run has used {elapsed:.0f} s of its {limit:.0f} s "
+                         f"time limit (--time-limit)")
         self.step = step
 
 
