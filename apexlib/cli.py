@@ -245,12 +245,11 @@ def _gpu_check(args: argparse.Namespace) -> int:
                                checkpoint_dir=args.checkpoint_dir, skip_tests=args.skip_tests,
                                time_limit_s=args.time_limit, num_requests=args.num_requests,
                                command="apex gpu-check " + " ".join(args.argv))
-    except StepFailed as error:
+    except (StepFailed, TimeLimitReached) as error:
+        if error.report is not None:  # what ran before it
+            sys.stdout.write(format_report(error.report) + "\n")
         sys.stderr.write(f"apex gpu-check: {error}\n")
-        return EXIT_STEP_FAILED
-    except TimeLimitReached as error:
-        sys.stderr.write(f"apex gpu-check: {error}\n")
-        return EXIT_TIME_LIMIT
+        return EXIT_STEP_FAILED if isinstance(error, StepFailed) else EXIT_TIME_LIMIT
     sys.stdout.write(format_report(report) + "\n")
     return 0
 

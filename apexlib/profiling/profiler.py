@@ -166,11 +166,15 @@ class _Bench:
         self.params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
         self.iteration = 0
         self.rng = random.Random(settings.seed)
-        generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+        # Real numbers in every slot (uninitialised memory may hold NaN/denormals), drawn on the engine's
+        # device one layer at a time: a CPU generator takes ~1 min per 2G values (a 7B shape's 4 GiB pool)
+        device = torch.device(engine.config.device)
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
         for storage in (engine.gpu_storage, engine.cpu_storage):
-            if storage is not None:  # real numbers in every slot (uninitialised memory may hold NaN/denormals)
-                values = torch.randn(storage.kv.shape, generator=generator, dtype=torch.float32) * 0.5
-                storage.kv.copy_(values.to(storage.kv.device, storage.kv.dtype))
+            if storage is not None:
+                for layer in storage.kv:
+                    values = torch.randn(layer.shape, generator=generator, dtype=torch.float32, device=device)
+                    layer.copy_(values.mul_(0.5).to(layer.dtype))
 
     def _table(self, tier, base: int, num_tokens: int) -> tuple[int, ...]:
         from apexlib.kvcache.manager import Tier
