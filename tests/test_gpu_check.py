@@ -71,6 +71,30 @@ def test_llama_2_7b_shape_and_its_t4_kv_cap():
         t4_gpu_kv_gib(config, 15 * 1024**3)
 
 
+def test_plan_of_the_7b_size(tmp_path):
+    """The real size's plan, from a checkpoint's config and index alone (no 13.5 GB of weights here)."""
+    from apexlib.bench.gpu_check import make_plan
+
+    directory = tmp_path / "llama-2-7b"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(LLAMA_2_7B.to_hf_config()))
+    weight_bytes = LLAMA_2_7B.num_parameters() * 2
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": weight_bytes}, "weight_map": {}}))
+    plan = make_plan(SIZES["llama-2-7b"], directory)
+    assert plan["weight_bytes"] == weight_bytes and plan["dtype"] == "float16"
+    assert 1.0 <= plan["gpu_kv_gib"] <= 1.5 and plan["num_gpu_blocks"] is None and "T4" in plan["gpu_kv_reason"]
+    assert plan["kv_bytes_per_token"] == 2 * 32 * 32 * 128 * 2  # 512 KiB per token
+    assert plan["gpu_kv_tokens"] == int(plan["gpu_kv_gib"] * 1024**3 // plan["kv_bytes_per_token"])
+    workload = plan["workload"]
+    assert 32 <= workload["num_requests"] <= 64 and workload["max_total_len"] <= 160 + 320
+    assert 96 * workload["num_requests"] <= workload["prompt_tokens"] <= 160 * workload["num_requests"]
+    assert workload["output_tokens"] > workload["prompt_tokens"]  # decode-heavy
+    # the T4 cap holds a small share of the workload's KV; the host tier holds all of it
+    assert 0.05 < plan["gpu_kv_share_of_demand"] < 0.5
+    assert plan["kv_demand_gib"] <= plan["cpu_kv_gib"] <= 1.2 * plan["kv_demand_gib"] + 0.125
+
+
 def test_tiny_rehearsal_runs_every_step_on_cpu(tmp_path):
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
     report = run_gpu_check(device="cpu", size="tiny", out_dir=out, checkpoint_dir=checkpoints)
