@@ -176,7 +176,21 @@ def test_no_step_starts_past_the_time_limit(tmp_path, capsys):
     assert "time limit" in capsys.readouterr().err
 
 
+def test_junit_counts(tmp_path):
+    from apexlib.bench.gpu_check import junit_counts
+
+    path = tmp_path / "report.xml"
+    path.write_text('<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" '
+                    'failures="1" skipped="2" tests="5"><testcase name="a"/><testcase name="b"><skipped '
+                    'message="no CUDA GPU on this machine"/></testcase><testcase name="c"><skipped message="other"/>'
+                    '</testcase></testsuite></testsuites>')
+    counts = junit_counts(path)
+    assert (counts["tests"], counts["failures"], counts["errors"], counts["skipped"], counts["passed"]) == (5, 1, 1, 2, 1)
+    assert counts["skip_reasons"] == ["no CUDA GPU on this machine", "other"]
+
+
 @no_cuda
+@pytest.mark.slow  # a pytest subprocess (~20 s)
 def test_cuda_tests_step_fails_when_the_cuda_tests_skip(tmp_path):
     """On a machine without CUDA `pytest -m cuda` only skips: the step must not count that as a pass."""
     with pytest.raises(RuntimeError, match="must run them all.*no CUDA GPU"):
