@@ -521,7 +521,7 @@ class _KernelBuild:
             raise RuntimeError(f"compiling the CPU kernels failed: {self.error}") from self.error
         from apexlib.attention import cpu as cpu_attention
 
-        return (f"ready {self.finished - self.started:.1f} s after the start (cached or compiled); "
+        return (f"loaded {self.finished - self.started:.1f} s after the run started (a first build compiles); "
                 f"ISA {cpu_attention.selected_isa()}")
 
 
