@@ -387,9 +387,8 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
         if settings.calibration_requests != 0:
             calibration_samples, step_overhead = _calibration_runs(settings, model_path, config, preliminary)
             tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples, calibration_samples)
-        intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead]) \
-            if step_overhead else (0.0, 0.0)
         if step_overhead:
+            intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead])
             tables["engine_step_overhead"] = {
                 "seconds": max(0.0, intercept), "per_sequence_seconds": max(0.0, slope), "steps": len(step_overhead),
                 "median_seconds": statistics.median(t for _, t in step_overhead),
@@ -526,7 +525,8 @@ def _calibration_runs(settings: ProfileSettings, model_path: str, config: Any,
                 model=model_path, device=settings.device, dtype=settings.dtype, block_size=settings.block_size,
                 policy=policy, cost_model=str(profile_path), num_gpu_blocks=max(32, -(-limit // settings.block_size)),
                 # a host tier for the whole workload, no larger (pinned memory: 4 GiB for a 7B shape, not 32)
-                num_cpu_blocks=count * -(-limit // settings.block_size), max_model_len=limit, profile_subtasks=True, seed=settings.seed))
+                num_cpu_blocks=count * -(-limit // settings.block_size), max_model_len=limit, profile_subtasks=True,
+                seed=settings.seed))
             try:
                 engine.step_log = []
                 drive_engine(engine, workload, "offline", progress=False)
