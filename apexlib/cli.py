@@ -1,4 +1,4 @@
-"""The ``apex`` command: generate, tiny, env, bench (engine benchmark, cpu-attention), profile."""
+"""The ``apex`` command: generate, tiny, env, bench (engine benchmark, cpu-attention), profile, simulate, gpu-check."""
 
 from __future__ import annotations
 
@@ -228,6 +228,32 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gpu_check(args: argparse.Namespace) -> int:
+    """``apex gpu-check``: the prepared check of a CUDA machine (apexlib.bench.gpu_check)."""
+    from apexlib.bench.gpu_check import (
+        EXIT_STEP_FAILED,
+        EXIT_TIME_LIMIT,
+        StepFailed,
+        TimeLimitReached,
+        format_report,
+        run_gpu_check,
+    )
+
+    logging.getLogger("apexlib.bench.gpu_check").setLevel(logging.INFO)  # per-step progress, even without -v
+    try:
+        report = run_gpu_check(device=args.device, size=args.size, out_dir=args.out,
+                               checkpoint_dir=args.checkpoint_dir, skip_tests=args.skip_tests,
+                               time_limit_s=args.time_limit, num_requests=args.num_requests,
+                               command="apex gpu-check " + " ".join(args.argv))
+    except (StepFailed, TimeLimitReached) as error:
+        if error.report is not None:  # what ran before it
+            sys.stdout.write(format_report(error.report) + "\n")
+        sys.stderr.write(f"apex gpu-check: {error}\n")
+        return EXIT_STEP_FAILED if isinstance(error, StepFailed) else EXIT_TIME_LIMIT
+    sys.stdout.write(format_report(report) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apex", description="apexlib: hybrid CPU-GPU LLM inference (APEX)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -367,6 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--experiment", default=None, help="results subfolder name (default: derived)")
     simulate.add_argument("--no-iterations", action="store_true", help="do not write iterations.csv")
     simulate.set_defaults(handler=_simulate)
+
+    gpu_check = commands.add_parser(
+        "gpu-check", help="the prepared check of a CUDA machine: CUDA tests, a 7B-shape checkpoint, profile, "
+                          "engine vs simulator per policy (< 8 min on one H100/H200)",
+        description="Runs pytest -m cuda, builds a random-weight Llama-2-7B-shape fp16 checkpoint, caps the GPU KV "
+                    "pool to what a T4 would have, profiles (quick grid), and runs gpu_only, neo and apex on a "
+                    "short decode-heavy workload through the real engine and the simulator. Writes "
+                    "data/results/gpu-check/<device>-<size>/ and prints engine vs simulator per policy and each "
+                    "step's time. Exit 1: a step failed (named); 2: bad input or no CUDA; 3: time limit.")
+    gpu_check.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --size tiny: a rehearsal)")
+    gpu_check.add_argument("--size", default="llama-2-7b", choices=["llama-2-7b", "tiny"],
+                           help="model shape and workload size (tiny: hidden 128, 2 layers, 8 requests)")
+    gpu_check.add_argument("--out", default=None, help="results directory (default: data/results/gpu-check/"
+                                                       "<device>-<size>)")
+    gpu_check.add_argument("--checkpoint-dir", default=None,
+                           help="where random checkpoints are built and reused (default: build/gpu-check/checkpoints)")
+    gpu_check.add_argument("--skip-tests", action="store_true", help="do not run pytest -m cuda")
+    gpu_check.add_argument("--time-limit", type=float, default=None,
+                           help="seconds after which no further step starts (default: the size's, 480 for llama-2-7b)")
+    gpu_check.add_argument("--num-requests", type=int, default=None, help="override the workload's request count")
+    gpu_check.set_defaults(handler=_gpu_check)
     return parser
 
 
@@ -381,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.rest = rest
-    if args.command == "profile":
-        args.argv = argv[argv.index("profile") + 1:]
+    if args.command in ("profile", "gpu-check"):
+        args.argv = argv[argv.index(args.command) + 1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

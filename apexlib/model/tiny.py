@@ -44,7 +44,7 @@ import os
 import shutil
 import tempfile
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -308,15 +308,16 @@ def _tokenizer_files(spec: TinyModelSpec) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def init_tiny_state_dict(spec: TinyModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, in HF ``LlamaForCausalLM`` names (no ``lm_head`` when tied).
+def _draw_tensors(spec: TinyModelSpec, generator: torch.Generator,
+                  device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors one at a time, in file order, drawn in fp32 on ``device`` from ``generator``.
 
-    Drawn in fp32 from one seeded CPU generator in a fixed order, then cast to ``spec.dtype``.
+    One fixed order of draws (embeddings, each layer, final norm, output head), so a seeded
+    generator of one device kind always gives the same values.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def normal(*shape: int, std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=generator, dtype=torch.float32) * std
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device=device) * std
 
     def projection(out_features: int, in_features: int) -> torch.Tensor:
         return normal(out_features, in_features, std=spec.init_std / math.sqrt(in_features))
@@ -325,36 +326,44 @@ def init_tiny_state_dict(spec: TinyModelSpec, seed: int = 0) -> dict[str, torch.
         return mean * (1.0 + normal(spec.hidden_size, std=spec.norm_jitter))
 
     hidden, kv_dim = spec.hidden_size, spec.num_key_value_heads * spec.head_dim
-    tensors: dict[str, torch.Tensor] = {}
     embedding = normal(spec.vocab_size, hidden, std=spec.embedding_std)
     if spec.tie_word_embeddings:
         embedding[: len(SPECIAL_TOKENS)] *= spec.special_token_logit_scale
-    tensors["model.embed_tokens.weight"] = embedding
+    yield "model.embed_tokens.weight", embedding
+    del embedding
     for layer in range(spec.num_hidden_layers):
         prefix = f"model.layers.{layer}"
-        tensors[f"{prefix}.input_layernorm.weight"] = norm_weight()
-        tensors[f"{prefix}.self_attn.q_proj.weight"] = projection(hidden, hidden)
-        tensors[f"{prefix}.self_attn.k_proj.weight"] = projection(kv_dim, hidden)
-        tensors[f"{prefix}.self_attn.v_proj.weight"] = projection(kv_dim, hidden)
-        tensors[f"{prefix}.self_attn.o_proj.weight"] = projection(hidden, hidden)
-        tensors[f"{prefix}.post_attention_layernorm.weight"] = norm_weight()
-        tensors[f"{prefix}.mlp.gate_proj.weight"] = projection(spec.intermediate_size, hidden)
-        tensors[f"{prefix}.mlp.up_proj.weight"] = projection(spec.intermediate_size, hidden)
-        tensors[f"{prefix}.mlp.down_proj.weight"] = projection(hidden, spec.intermediate_size)
+        yield f"{prefix}.input_layernorm.weight", norm_weight()
+        yield f"{prefix}.self_attn.q_proj.weight", projection(hidden, hidden)
+        yield f"{prefix}.self_attn.k_proj.weight", projection(kv_dim, hidden)
+        yield f"{prefix}.self_attn.v_proj.weight", projection(kv_dim, hidden)
+        yield f"{prefix}.self_attn.o_proj.weight", projection(hidden, hidden)
+        yield f"{prefix}.post_attention_layernorm.weight", norm_weight()
+        yield f"{prefix}.mlp.gate_proj.weight", projection(spec.intermediate_size, hidden)
+        yield f"{prefix}.mlp.up_proj.weight", projection(spec.intermediate_size, hidden)
+        yield f"{prefix}.mlp.down_proj.weight", projection(hidden, spec.intermediate_size)
     # logits = lm_head @ (final_norm * rmsnorm(h)); rmsnorm(h) has unit RMS
     if spec.tie_word_embeddings:
         # With lm_head == embed_tokens the residual's own-token component e_t would give token t
         # a logit ~ |e_t|^2 and the model would repeat its input forever. Random signs on the
         # final norm weight make that self term zero-mean, so the layers decide the next token.
-        signs = torch.randint(0, 2, (hidden,), generator=generator, dtype=torch.float32) * 2 - 1
+        signs = torch.randint(0, 2, (hidden,), generator=generator, dtype=torch.float32, device=device) * 2 - 1
         scale = spec.logit_std / (spec.embedding_std * math.sqrt(hidden))
-        tensors["model.norm.weight"] = signs * norm_weight(scale)
+        yield "model.norm.weight", signs * norm_weight(scale)
     else:
-        tensors["model.norm.weight"] = norm_weight()
+        yield "model.norm.weight", norm_weight()
         lm_head = normal(spec.vocab_size, hidden, std=spec.logit_std / math.sqrt(hidden))
         lm_head[: len(SPECIAL_TOKENS)] *= spec.special_token_logit_scale
-        tensors["lm_head.weight"] = lm_head
-    return {name: tensor.to(spec.torch_dtype).contiguous() for name, tensor in tensors.items()}
+        yield "lm_head.weight", lm_head
+
+
+def init_tiny_state_dict(spec: TinyModelSpec, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, in HF ``LlamaForCausalLM`` names (no ``lm_head`` when tied).
+
+    Drawn in fp32 from one seeded CPU generator in a fixed order, then cast to ``spec.dtype``.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return {name: tensor.to(spec.torch_dtype).contiguous() for name, tensor in _draw_tensors(spec, generator)}
 
 
 def _split_into_shards(tensors: dict[str, torch.Tensor], shards: int) -> list[list[str]]:
@@ -386,10 +395,8 @@ def _json_text(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def _write_checkpoint_files(directory: Path, spec: TinyModelSpec, seed: int, shards: int,
-                            with_tokenizer: bool) -> None:
-    from safetensors.torch import save_file
-
+def _write_text_files(directory: Path, spec: TinyModelSpec, with_tokenizer: bool) -> None:
+    """config.json, generation_config.json and (optionally) the tokenizer files."""
     directory.mkdir(parents=True, exist_ok=True)
     texts = {
         "config.json": _json_text(spec.to_hf_config()),
@@ -402,6 +409,12 @@ def _write_checkpoint_files(directory: Path, spec: TinyModelSpec, seed: int, sha
     for filename, text in texts.items():
         (directory / filename).write_text(text, encoding="utf-8")
 
+
+def _write_checkpoint_files(directory: Path, spec: TinyModelSpec, seed: int, shards: int,
+                            with_tokenizer: bool) -> None:
+    from safetensors.torch import save_file
+
+    _write_text_files(directory, spec, with_tokenizer)
     tensors = init_tiny_state_dict(spec, seed)
     metadata = {"format": "pt"}
     if shards == 1:
@@ -428,6 +441,29 @@ def _is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
 
+def _assemble(out_dir: str | os.PathLike[str], overwrite: bool, write: Callable[[Path], Any]) -> Path:
+    """``write(staging)`` into a temporary sibling of ``out_dir``, then rename it into place."""
+    out = Path(out_dir)
+    if _is_nonempty_dir(out) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        write(staging)
+        _publish_permissions(staging)
+        if _is_nonempty_dir(out):  # overwrite: move the old one aside, then swap in the new one
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
 def build_tiny_checkpoint(
     out_dir: str | os.PathLike[str],
     preset: str | TinyModelSpec = "gqa",
@@ -445,26 +481,80 @@ def build_tiny_checkpoint(
     ``model.safetensors.index.json``.
     """
     spec = resolve_spec(preset)
-    out = Path(out_dir)
-    if _is_nonempty_dir(out) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write_checkpoint_files(staging, spec, seed, shards, with_tokenizer)
-        _publish_permissions(staging)
-        if _is_nonempty_dir(out):  # overwrite: move the old one aside, then swap in the new one
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    out = _assemble(out_dir, overwrite, lambda staging: _write_checkpoint_files(staging, spec, seed, shards,
+                                                                                  with_tokenizer))
     logger.info("wrote tiny checkpoint %s (%s, seed %d, %d params, %d shard(s))",
                 out, spec.name, seed, spec.num_parameters(), shards)
+    return out
+
+
+def _write_streamed_files(directory: Path, spec: TinyModelSpec, seed: int, device: torch.device,
+                          shard_bytes: int, with_tokenizer: bool) -> int:
+    """Draw tensor by tensor on ``device``, write a shard whenever ``shard_bytes`` are pending; returns shards."""
+    from safetensors.torch import save_file
+
+    _write_text_files(directory, spec, with_tokenizer)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pending: dict[str, torch.Tensor] = {}
+    groups: list[list[str]] = []
+    pending_bytes = total_size = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        groups.append(list(pending))
+        save_file(pending, str(directory / f".shard-{len(groups)}.safetensors"), metadata={"format": "pt"})
+        pending, pending_bytes = {}, 0
+
+    for name, tensor in _draw_tensors(spec, generator, device):
+        host = tensor.to(spec.torch_dtype).to("cpu").contiguous()
+        del tensor
+        size = host.numel() * host.element_size()
+        if pending and pending_bytes + size > shard_bytes:
+            flush()
+        pending[name] = host
+        pending_bytes += size
+        total_size += size
+    flush()
+    if len(groups) == 1:
+        os.replace(directory / ".shard-1.safetensors", directory / "model.safetensors")
+        return 1
+    weight_map: dict[str, str] = {}
+    for index, names in enumerate(groups, start=1):
+        filename = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
+        os.replace(directory / f".shard-{index}.safetensors", directory / filename)
+        weight_map.update(dict.fromkeys(names, filename))
+    index_json = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(_json_text(index_json), encoding="utf-8")
+    return len(groups)
+
+
+def write_random_checkpoint(
+    out_dir: str | os.PathLike[str],
+    spec: str | TinyModelSpec,
+    seed: int = 0,
+    *,
+    device: str | torch.device = "cpu",
+    shard_bytes: int = 2 * 1024**3,
+    with_tokenizer: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write a random-weight checkpoint of any size (e.g. a 7B shape) without holding it in memory.
+
+    The same files, initialisation and staging as :func:`build_tiny_checkpoint`, but each tensor is
+    drawn on ``device`` and written into shards of at most ``shard_bytes`` (one tensor larger than
+    that gets a shard of its own), so peak host memory is about one shard. With ``device="cpu"`` the
+    values equal :func:`init_tiny_state_dict`'s; a CUDA generator draws billions of weights in
+    seconds, with values of its own (deterministic per seed on that device kind).
+    """
+    spec = resolve_spec(spec)
+    if shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be >= 1, got {shard_bytes}")
+    device = torch.device(device)
+    counted: list[int] = []
+    out = _assemble(out_dir, overwrite, lambda staging: counted.append(
+        _write_streamed_files(staging, spec, seed, device, shard_bytes, with_tokenizer)))
+    logger.info("wrote random checkpoint %s (%s, seed %d, %.2fB params, %s, drawn on %s, %d shard(s))",
+                out, spec.name, seed, spec.num_parameters() / 1e9, spec.dtype, device, counted[0])
     return out
 
 
@@ -553,4 +643,5 @@ __all__ = [
     "tiny_checkpoint",
     "tiny_checkpoint_key",
     "tiny_tokenizer_json",
+    "write_random_checkpoint",
 ]

@@ -50,7 +50,8 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,10 +103,25 @@ class ProfileSettings:
     seed: int = 0
     progress: bool = True
     command: str = ""
+    #: entries replacing those of the quick / full grid (keys of QUICK_GRID), e.g. a smaller hybrid grid
+    grid: Mapping[str, Sequence[int]] | None = None
+    #: requests of each engine calibration run (None: CALIBRATION_REQUESTS); 0: no calibration runs
+    #: (the hybrid fit then uses the grid's iterations only and there is no engine_step_overhead table)
+    calibration_requests: int | None = None
 
     def __post_init__(self) -> None:
         if self.repetitions < 1 or self.warmup < 0:
             raise ValueError(f"repetitions must be >= 1 and warmup >= 0, got {self.repetitions}, {self.warmup}")
+        if self.calibration_requests is not None and self.calibration_requests < 0:
+            raise ValueError(f"calibration_requests must be >= 0, got {self.calibration_requests}")
+        if self.grid is not None:
+            unknown = sorted(set(self.grid) - set(QUICK_GRID))
+            if unknown:
+                raise ValueError(f"grid has unknown entr(ies) {unknown}; known: {sorted(QUICK_GRID)}")
+            for name, values in self.grid.items():
+                if not values or any(not isinstance(v, int) or v < 1 for v in values):
+                    raise ValueError(f"grid[{name!r}] must be positive ints, got {values!r}")
+            object.__setattr__(self, "grid", types.MappingProxyType({k: tuple(v) for k, v in self.grid.items()}))
 
 
 def resolve_model(model: str) -> str:
@@ -150,11 +166,15 @@ class _Bench:
         self.params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
         self.iteration = 0
         self.rng = random.Random(settings.seed)
-        generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+        # Real numbers in every slot (uninitialised memory may hold NaN/denormals), drawn on the engine's
+        # device one layer at a time: a CPU generator takes ~1 min per 2G values (a 7B shape's 4 GiB pool)
+        device = torch.device(engine.config.device)
+        generator = torch.Generator(device=device).manual_seed(settings.seed)
         for storage in (engine.gpu_storage, engine.cpu_storage):
-            if storage is not None:  # real numbers in every slot (uninitialised memory may hold NaN/denormals)
-                values = torch.randn(storage.kv.shape, generator=generator, dtype=torch.float32) * 0.5
-                storage.kv.copy_(values.to(storage.kv.device, storage.kv.dtype))
+            if storage is not None:
+                for layer in storage.kv:
+                    values = torch.randn(layer.shape, generator=generator, dtype=torch.float32, device=device)
+                    layer.copy_(values.mul_(0.5).to(layer.dtype))
 
     def _table(self, tier, base: int, num_tokens: int) -> tuple[int, ...]:
         from apexlib.kvcache.manager import Tier
@@ -292,6 +312,7 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
     from apexlib.kvcache.storage import copy_blocks
 
     grid = dict(QUICK_GRID if settings.quick else FULL_GRID)
+    grid.update(settings.grid or {})
     model_path = resolve_model(settings.model)
     config = ModelConfig.from_pretrained(model_path)
     limit = config.max_position_embeddings - 1
@@ -362,16 +383,19 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
         shape = ModelShape.from_config(config, name=Path(model_path).name)
         tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples)
         preliminary = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
-        calibration_samples, step_overhead = _calibration_runs(settings, model_path, config, preliminary)
-        tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples, calibration_samples)
-        intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead])
-        tables["engine_step_overhead"] = {
-            "seconds": max(0.0, intercept), "per_sequence_seconds": max(0.0, slope), "steps": len(step_overhead),
-            "median_seconds": statistics.median(t for _, t in step_overhead),
-            "method": "least squares, against the plan's sequence count, of the gap between consecutive "
-                      "LLMEngine.step starts minus scheduling, the runner and the scheduler's update, over the "
-                      "calibration runs (bench loop, final-only outputs): what the engine spends per step "
-                      "outside the scheduler and the runner"}
+        calibration_samples, step_overhead = [], []
+        if settings.calibration_requests != 0:
+            calibration_samples, step_overhead = _calibration_runs(settings, model_path, config, preliminary)
+            tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples, calibration_samples)
+        if step_overhead:
+            intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead])
+            tables["engine_step_overhead"] = {
+                "seconds": max(0.0, intercept), "per_sequence_seconds": max(0.0, slope), "steps": len(step_overhead),
+                "median_seconds": statistics.median(t for _, t in step_overhead),
+                "method": "least squares, against the plan's sequence count, of the gap between consecutive "
+                          "LLMEngine.step starts minus scheduling, the runner and the scheduler's update, over the "
+                          "calibration runs (bench loop, final-only outputs): what the engine spends per step "
+                          "outside the scheduler and the runner"}
         tables["hybrid_calibration"]["points_from_grid"] = len(hybrid_samples)
         tables["hybrid_calibration"]["points_from_engine_runs"] = len(calibration_samples)
         info = provenance(engine, settings)
@@ -485,7 +509,7 @@ def _calibration_runs(settings: ProfileSettings, model_path: str, config: Any,
     from apexlib.engine.engine import LLMEngine
     from apexlib.engine.plan import OverlapMode
 
-    count = CALIBRATION_REQUESTS["quick" if settings.quick else "full"]
+    count = settings.calibration_requests or CALIBRATION_REQUESTS["quick" if settings.quick else "full"]
     limit = min(config.max_position_embeddings, 512)
     workload = make_workload("profile-calibration", count, Uniform(8, min(96, limit // 4)),
                              Uniform(32, min(192, limit // 2)), seed=settings.seed + 1, max_model_len=limit)
@@ -500,7 +524,9 @@ def _calibration_runs(settings: ProfileSettings, model_path: str, config: Any,
             engine = LLMEngine(EngineArgs(
                 model=model_path, device=settings.device, dtype=settings.dtype, block_size=settings.block_size,
                 policy=policy, cost_model=str(profile_path), num_gpu_blocks=max(32, -(-limit // settings.block_size)),
-                num_cpu_blocks=4096, max_model_len=limit, profile_subtasks=True, seed=settings.seed))
+                # a host tier for the whole workload, no larger (pinned memory: 4 GiB for a 7B shape, not 32)
+                num_cpu_blocks=count * -(-limit // settings.block_size), max_model_len=limit, profile_subtasks=True,
+                seed=settings.seed))
             try:
                 engine.step_log = []
                 drive_engine(engine, workload, "offline", progress=False)
