@@ -59,9 +59,16 @@ class KVCacheManager:
 
     def allocate(self, request_id: str, num_total_tokens: int, tier: Tier) -> list[int] | None:
         """Grow the request's table in ``tier`` to cover ``num_total_tokens``; the new block ids, or None."""
-        if not self.can_allocate(request_id, num_total_tokens, tier):
+        current = self._tiers.get(request_id)
+        if current is not None and current is not tier:
             return None
-        new_blocks = self.pools[tier].allocate(self.blocks_needed(request_id, num_total_tokens))
+        needed = self.blocks_needed(request_id, num_total_tokens)
+        if needed == 0 and current is tier:
+            return []  # the common decode step: its last block still has room
+        pool = self.pools[tier]
+        if not pool.can_allocate(needed):
+            return None
+        new_blocks = pool.allocate(needed)
         self._block_tables.setdefault(request_id, []).extend(new_blocks)
         self._tiers[request_id] = tier
         return new_blocks
