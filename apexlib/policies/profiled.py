@@ -153,7 +153,9 @@ class ApexPolicy(_ProfiledPolicy):
        (``C + X <= G`` after the measured hybrid adjustments) and the predicted rate rises: they fill
        CPU time that is idle anyway and never lengthen the iteration beyond its extra linear rows.
     4. *Candidates* advance every request of ``R``: NEO's plan (when ``R`` adds no overdue request to
-       ``A``), and asynchronous overlap (one batch, no split) of ``R`` plus the free riders.
+       ``A``; otherwise NEO's slack rule run with the overdue requests first and forced in, so their CPU
+       work hides under two weight passes instead of one), and asynchronous overlap (one batch, no
+       split) of ``R`` plus the free riders.
     5. *Choice.* Among the candidates within ``iteration_time_bound`` (all, when none is), the higher
        predicted rate runs.
 
