@@ -152,12 +152,21 @@ def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, pane
     panels = list(dict.fromkeys(frame[panel]))
     fig, axes = plt.subplots(len(panels), len(latencies), figsize=(4.2 * len(latencies) + 2.0, 2.9 * len(panels)),
                              squeeze=False)
+    colors = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+    scenarios = list(dict.fromkeys(frame["scenario"])) if "scenario" in frame else [None]
     for row, value in enumerate(panels):
         part = frame[frame[panel] == value].sort_values("rate")
         for column, metric in enumerate(latencies):
             axis = axes[row][column]
-            sns.lineplot(data=part, x=metric, y=throughput, hue="policy", hue_order=order, marker="o", sort=False,
-                         estimator=None, ax=axis, legend=row == 0 and column == len(latencies) - 1)
+            for scenario in scenarios:  # the central scenario solid and in the legend, the corners faint
+                central = scenario in (None, "central")
+                lines = part if scenario is None else part[part["scenario"] == scenario]
+                for policy in order:
+                    line = lines[lines["policy"] == policy]
+                    axis.plot(line[metric], line[throughput], marker="o" if central else None,
+                              markersize=3, color=colors[policy], alpha=1.0 if central else 0.3,
+                              linestyle="-" if central else "--", linewidth=1.2 if central else 0.8,
+                              label=policy if central and row == 0 and column == len(latencies) - 1 else None)
             if slo is not None and metric.startswith("tpot") and value in slo:
                 axis.axvline(slo[value], color="grey", linestyle="--", linewidth=0.8)
                 axis.text(slo[value], axis.get_ylim()[1], " SLO", fontsize=7, va="top", color="grey")
@@ -165,7 +174,8 @@ def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, pane
             axis.set_xlabel(metric.replace("_p90_s", " p90 (s)").replace("_", " "))
             axis.set_ylabel("output tokens / s")
             axis.set_title(str(value), fontsize=8)
-    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy")
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy",
+                       title_fontsize=7)
     return _finish(fig, title, caption)
 
 

@@ -308,14 +308,14 @@ slo_factor = 1.5
 cpu_kv_gib = 20.0''', [
     ("code", SIM_IMPORTS),
     ("code", '''from apexlib.bench.metrics import best_within_slo
-from apexlib.profiling.assumptions import assumptions_table
+from apexlib.profiling.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
 from apexlib.sim.batch import SimulationJob, simulate_rows
 
-# The assumptions behind these curves (central values used here; notebook 03 shows their spread)
+# The assumptions behind these curves: solid lines use the central values, faint ones the two corners
 display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
-
+scenarios = SCENARIOS
 if quick:
-    combos, num_requests = combos[:1], 30
+    combos, num_requests, scenarios = combos[:1], 30, ("central",)
     rates_by_hardware = {"t4": [0.1, 0.8]}
 path, slo_path = results_dir / "simulated.csv", results_dir / "slo.csv"
 
@@ -328,46 +328,57 @@ def options(model, workload, policy, **extra):
 if run_experiments:
     slos, jobs = [], []
     for hardware, model in combos:
-        cost = roofline(hardware, model)
-        alone = get_preset("grid-point", prompt_len=prompt_len, output_len=output_len, num_requests=1, seed=0)
-        unloaded = summary_row(simulate(alone, cost_model=cost, **options(model, alone, "gpu_only")))
-        slo = slo_factor * unloaded["tpot_mean_s"]
-        slos.append({"hardware": hardware, "model": model, "unloaded_tpot_s": unloaded["tpot_mean_s"], "slo_tpot_s": slo})
-        variants = [(policy, policy, {}) for policy in policies] + [("apex_slo", "apex", {"iteration_time_bound": slo})]
-        for rate in rates_by_hardware[hardware]:
-            workload = get_preset("grid-point", prompt_len=prompt_len, output_len=output_len,
-                                  num_requests=num_requests, seed=0, arrival="poisson", rate=rate)
-            for label, policy, extra in variants:
-                jobs.append(SimulationJob(workload, cost, options(model, workload, policy, **extra),
-                                          dict(hardware=hardware, model=model, policy=label, rate=rate)))
+        for scenario in scenarios:
+            cost = scenario_cost_model(roofline(hardware, model), scenario)
+            alone = get_preset("grid-point", prompt_len=prompt_len, output_len=output_len, num_requests=1, seed=0)
+            unloaded = summary_row(simulate(alone, cost_model=cost, **options(model, alone, "gpu_only")))
+            slo = slo_factor * unloaded["tpot_mean_s"]
+            slos.append({"hardware": hardware, "model": model, "scenario": scenario,
+                         "unloaded_tpot_s": unloaded["tpot_mean_s"], "slo_tpot_s": slo})
+            variants = [(p, p, {}) for p in policies] + [("apex_slo", "apex", {"iteration_time_bound": slo})]
+            for rate in rates_by_hardware[hardware]:
+                workload = get_preset("grid-point", prompt_len=prompt_len, output_len=output_len,
+                                      num_requests=num_requests, seed=0, arrival="poisson", rate=rate)
+                for label, policy, extra in variants:
+                    jobs.append(SimulationJob(workload, cost, options(model, workload, policy, **extra),
+                                              dict(hardware=hardware, model=model, policy=label, rate=rate,
+                                                   scenario=scenario)))
     pd.DataFrame(simulate_rows(jobs, description="04 rates")).to_csv(path, index=False)
     pd.DataFrame(slos).to_csv(slo_path, index=False)
 frame, slos = pd.read_csv(path), pd.read_csv(slo_path)
 frame["machine"] = frame["hardware"] + " · " + frame["model"]
 slos["machine"] = slos["hardware"] + " · " + slos["model"]
-table = []
-for (machine, policy), rows in frame.groupby(["machine", "policy"], sort=False):
-    bound = float(slos.loc[slos["machine"] == machine, "slo_tpot_s"].iloc[0])
-    best = best_within_slo(rows.to_dict("records"), bound=bound)
-    table.append({"machine": machine, "policy": plots.policy_label(policy), "slo_tpot_s": bound,
-                  "throughput_at_slo": best["output_throughput"] if best else 0.0,
-                  "at_rate": best["rate"] if best else None,
-                  "tpot_p90_s": best["tpot_p90_s"] if best else None,
-                  "ttft_p90_s": best["ttft_p90_s"] if best else None,
-                  "max_throughput_any_latency": rows["output_throughput"].max()})
-table = pd.DataFrame(table)
-gpu_only = table[table["policy"] == plots.policy_label("gpu_only")].set_index("machine")["throughput_at_slo"]
-table["gain_at_slo_percent"] = 100.0 * (table["throughput_at_slo"] / table["machine"].map(gpu_only) - 1.0)
-table.to_csv(results_dir / "throughput_at_slo.csv", index=False)
+rows = []
+for (machine, scenario, policy), part in frame.groupby(["machine", "scenario", "policy"], sort=False):
+    bound = float(slos.loc[(slos["machine"] == machine) & (slos["scenario"] == scenario), "slo_tpot_s"].iloc[0])
+    best = best_within_slo(part.to_dict("records"), bound=bound)
+    rows.append({"machine": machine, "scenario": scenario, "policy": policy, "slo_tpot_s": bound,
+                 "throughput_at_slo": best["output_throughput"] if best else 0.0,
+                 "at_rate": best["rate"] if best else None,
+                 "tpot_p90_s": best["tpot_p90_s"] if best else None,
+                 "ttft_p90_s": best["ttft_p90_s"] if best else None,
+                 "max_throughput_any_latency": part["output_throughput"].max()})
+at_slo = pd.DataFrame(rows)
+gpu_only = at_slo[at_slo["policy"] == "gpu_only"].set_index(["machine", "scenario"])["throughput_at_slo"]
+at_slo["gain_at_slo_percent"] = 100.0 * (at_slo["throughput_at_slo"]
+                                         / at_slo.set_index(["machine", "scenario"]).index.map(gpu_only) - 1.0)
+at_slo.to_csv(results_dir / "throughput_at_slo.csv", index=False)
+table = plots.with_scenario_range(at_slo, keys=["machine", "policy"], y="throughput_at_slo")
+table = table.join(at_slo.groupby(["machine", "policy"])["gain_at_slo_percent"].agg(["min", "max"])
+                   .rename(columns={"min": "gain_low", "max": "gain_high"}), on=["machine", "policy"])
+table["policy"] = table["policy"].map(plots.policy_label)
 display(slos.round(4))
-display(table.round(3))'''),
+display(table[["machine", "policy", "slo_tpot_s", "throughput_at_slo", "throughput_at_slo_low", "throughput_at_slo_high",
+               "at_rate", "tpot_p90_s", "ttft_p90_s", "gain_at_slo_percent", "gain_low", "gain_high"]].round(3))'''),
     ("code", '''plots.POLICY_LABELS.setdefault("apex_slo", "APEX (iteration bound = SLO)")
 caption = plots.provenance_caption(executor="simulator", source=f"roofline cost models (+{cpu_kv_gib:g} GiB CPU KV), "
-                                   f"central assumptions; SLO: TPOT p90 <= {slo_factor:g} x GPU-only unloaded",
+                                   f"solid: central assumptions, faint: their low..high corners; "
+                                   f"SLO: TPOT p90 <= {slo_factor:g} x GPU-only unloaded",
                                    model="Llama-2-7B / Llama-3.1-8B fp16",
                                    workload=f"prompts {prompt_len} / outputs {output_len} +-10%, {num_requests} requests, "
                                    "Poisson arrivals (one point per rate)")
-fig = plots.throughput_vs_latency(frame, panel="machine", slo=dict(zip(slos["machine"], slos["slo_tpot_s"])),
+central_slos = slos[slos["scenario"] == "central"]
+fig = plots.throughput_vs_latency(frame, panel="machine", slo=dict(zip(central_slos["machine"], central_slos["slo_tpot_s"])),
                                   title="Throughput vs latency percentiles (simulated)", caption=caption)
 plots.save_figure(fig, "04-online-latency", figures_dir)'''),
 ])
