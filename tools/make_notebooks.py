@@ -421,7 +421,7 @@ frame, modes = pd.read_csv(path), pd.read_csv(iterations_path)
 display(frame[["variant", "output_throughput", "tpot_mean_s", "engine_iterations", "engine_preemptions"]])
 caption = plots.provenance_caption(executor="simulator", source=f"roofline cost model of {hardware}",
                                    model=f"{model} fp16", workload=f"{workload_name}, {num_requests} requests, offline")
-fig = plots.throughput_by_policy(frame.assign(setting=workload_name), x="setting",
+fig = plots.throughput_by_policy(frame.assign(setting=workload_name, policy=frame["variant"]), x="setting",
                                  title="Execution-mode ablation (simulated)", caption=caption)
 plots.save_figure(fig, "05-ablation-throughput", figures_dir)
 expanded = modes.loc[modes.index.repeat(modes["iterations"])]
