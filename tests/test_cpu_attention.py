@@ -102,6 +102,20 @@ def test_long_single_sequence_split(isa):
     check(args)
 
 
+@pytest.mark.parametrize("lens", [[8192], [8192, 5000]], ids=["batch1-8k", "batch2-uneven"])
+def test_few_long_sequences_split(isa, lens):
+    # batch 1-2 at long context (Llama-3.1-8B heads, bf16): every sequence is cut into many whole-block
+    # splits run by all threads and merged by log-sum-exp; the split boundaries fall inside 64-token steps
+    args = make_inputs(lens, 32, 8, 128, 16, torch.bfloat16)
+    before = cpu.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            cpu.set_num_threads(threads)
+            check(args)
+    finally:
+        cpu.set_num_threads(before)
+
+
 def test_large_logits_stable(isa):
     args = list(make_inputs([1, 90, 400], 4, 2, 64, 16, torch.float32))
     args[0] = args[0] * 30.0  # very peaked softmax, exercises the running-max rescale

@@ -404,6 +404,7 @@ static void attend_impl(const PagedAttentionArgs& a, int64_t seq, int64_t b0, in
   const char* vbase = static_cast<const char*>(a.value_cache);
   const int32_t* bt = a.block_tables + seq * a.max_blocks_per_seq;
   float* tmp = sc + step_tokens(bs, row_bytes) * Hq;
+  alignas(64) static thread_local char vpack[kPackV ? kPackBytes : 64];
   const int64_t pv_steps_per = pv_steps_per_token(G, D);
 
   for (int64_t i = 0; i < Hq * D; ++i) acc[i] = 0.f;
@@ -462,8 +463,23 @@ static void attend_impl(const PagedAttentionArgs& a, int64_t seq, int64_t b0, in
       pc.c.step = ((pc.n * pc.seg_bytes + steps - 1) / steps + 63) / 64 * 64;
     }
     const Rows rw{cur.v, st, nt, row_bytes};
-    for (int64_t h = 0; h < Hkv; ++h)
-      pv_group<DT>(rw, h * head_bytes, sc + h * G, Hq, acc + h * G * D, G, D, pc);
+    const bool pack = kPackV && nt * head_bytes <= kPackBytes;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      if (pack) {
+        // the step's V rows of head h, gathered into one contiguous run (see kPackV)
+        char* dst = vpack;
+        for (int64_t j = 0; j < cur.n; ++j) {
+          const int64_t ntb = min_i64(nt - j * st, st);
+          const char* src = cur.v[j] + h * head_bytes;
+          for (int64_t t = 0; t < ntb; ++t, dst += head_bytes) std::memcpy(dst, src + t * row_bytes, head_bytes);
+        }
+        const char* const packed[1] = {vpack};
+        const Rows pr{packed, nt, nt, head_bytes};
+        pv_group<DT>(pr, 0, sc + h * G, Hq, acc + h * G * D, G, D, pc);
+      } else {
+        pv_group<DT>(rw, h * head_bytes, sc + h * G, Hq, acc + h * G * D, G, D, pc);
+      }
+    }
     pc.finish();
     if (more) cur = nxt;
   }
