@@ -50,12 +50,6 @@ static inline int64_t step_segs(int64_t bs, int64_t row_bytes) {
 static inline int64_t step_tokens(int64_t bs, int64_t row_bytes) {
   return step_segs(bs, row_bytes) * seg_tokens(bs, row_bytes);
 }
-// kPackV (set per ISA before the body): the V pass first copies the step's V rows of one kv head into
-// a contiguous per-thread buffer of up to kPackBytes (else it reads them in place). In place, the
-// rows of one head lie num_kv_heads * head_dim elements apart (2-8 KiB for Llama shapes), so the
-// lines a column tile reads over a step's tokens fall into one or two L1 sets and are evicted before
-// the next column tile reads the rest of each line.
-constexpr int64_t kPackBytes = 64 * 1024;
 
 // ------------------------------------------------------------------ scalar
 namespace scalar_isa {
@@ -80,7 +74,6 @@ struct V {
 };
 constexpr int MAXGT = 4;
 constexpr int ACC = 8;
-constexpr bool kPackV = false;
 #include "paged_decode_attention_body.h"
 }  // namespace scalar_isa
 
@@ -143,7 +136,6 @@ struct V {
 };
 constexpr int MAXGT = 4;
 constexpr int ACC = 8;
-constexpr bool kPackV = true;
 #include "paged_decode_attention_body.h"
 }  // namespace avx2_isa
 APEX_TARGET_END
@@ -213,7 +205,6 @@ struct V {
 };
 constexpr int MAXGT = 8;
 constexpr int ACC = 16;
-constexpr bool kPackV = false;
 #include "paged_decode_attention_body.h"
 }  // namespace avx512_isa
 APEX_TARGET_END
