@@ -89,6 +89,25 @@
 // for MHA a token-major V pass (V read in memory order, acc read-modify-written in L1): no change
 // from DRAM (25.2-25.5 vs 22.9-25.6 GB/s), slower in L2; 64 KiB steps for MHA: 3 % slower.
 
+// 2026-11-29, AVX2 path on a 2-core AMD EPYC (Zen 3, AVX2 + FMA + F16C, no AVX-512; DRAM read ~27 GB/s
+// when quiet), measured while other jobs shared the cores (the DRAM probe read 8-21 GB/s during the
+// runs, so every figure here is depressed and noisy): kernel / minimum-arithmetic stream on the 16
+// fp16/bf16 target rows 0.56-1.00 (MHA 0.75-1.00, GQA-4 0.56-0.80; data/results/cpu_attention/
+// 2026-11-29-epyc-avx2-2c-bs16-before.json). One thread, K/V in cache (batch 2, context 256): GQA-4
+// bf16 6.1 vs 18.3 GB/s (0.33), MHA bf16 19.3 vs 39.8 (0.48): on Zen 3 the gap is this body's compute,
+// not DRAM, and it is 2-3x larger than on SPR (0.81-0.86 of the stream there). Zen 3's L1D is 32 KiB,
+// 8-way, 64 sets: the V pass's column tiles walk a step's token rows 2 KiB (GQA-4) / 8 KiB (MHA)
+// apart, i.e. one or two L1 sets, so a line is evicted before the next column tile reads its other
+// half. Tried, not kept: copying the step's V rows of one kv head into a contiguous per-thread
+// buffer (memcpy per row, 16 KiB per head and step) before the V pass. Same run, alternating with
+// the kept body, twice each: in cache GQA-4 bf16 6.1/8.9 vs 6.1/5.0 GB/s, MHA bf16 9.7/15.3 vs 19.3/9.9
+// (noise as large as the effect); from DRAM lower in all 6 pairs (GQA-4 fp16 batch 32 ctx 1k 2.80/2.85
+// vs 3.93/3.86, GQA-4 bf16 batch 8 ctx 4k 2.80/3.05 vs 3.36/3.35, MHA fp16 batch 8 ctx 1k 3.73/3.73 vs
+// 4.20/4.05; busy cores; the benchmark run with this variant and the vLLM peer:
+// 2026-11-29-epyc-avx2-2c-bs16-vpack-variant.json, kernel / stream 0.55-0.89 outside one outlier row,
+// vLLM 0.32's CPU op (vec16) 1.4-3.0 GB/s, ours 1.2-3.0x it). Untried here (next): a V pass whose column tile covers whole 64-byte lines
+// (bf16/fp16: DV = 4, GT = 2 on 16 ymm registers), and measuring on quiet cores.
+
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Prefetch instructions as volatile asm: GCC deletes loops whose only effect is __builtin_prefetch
