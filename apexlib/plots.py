@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # headless: papermill and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -171,6 +172,8 @@ def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, pane
                 axis.axvline(slo[value], color="grey", linestyle="--", linewidth=0.8)
                 axis.text(slo[value], axis.get_ylim()[1], " SLO", fontsize=7, va="top", color="grey")
             axis.set_xscale("log")
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide
+            axis.xaxis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
             axis.set_xlabel(metric.replace("_p90_s", " p90 (s)").replace("_", " "))
             axis.set_ylabel("output tokens / s")
             axis.set_title(str(value), fontsize=8)

@@ -82,3 +82,13 @@ def test_pool_rows_equal_serial_rows_in_order():
     with pytest.raises(ValueError, match="workers"):
         simulate_rows(jobs, workers=0)
     assert dataclasses.is_dataclass(jobs[0])
+
+
+def test_labels_win_over_the_rows_own_columns():
+    """A job labelled policy='apex_slo' keeps that label though the simulated row says policy='apex'."""
+    cost = RooflineCostModel(get_hardware("t4"), LLAMA2_7B, "float16")
+    workload = get_preset("grid-point", prompt_len=64, output_len=16, num_requests=4, seed=0)
+    job = SimulationJob(workload, cost, dict(model="llama-2-7b", policy="apex", gpu_kv_gib=0.5, cpu_kv_gib=2.0,
+                                             max_model_len=workload.max_total_len), {"policy": "apex_slo"})
+    row = simulate_rows([job], workers=1, progress=False)[0]
+    assert row["policy"] == "apex_slo" and next(iter(row)) == "policy"

@@ -300,7 +300,8 @@ policy serves while its latency holds an SLO, the comparison a serving paper mak
   at most the SLO's TPOT, since every running decode waits one iteration per token.
 * Llama-3.1-8B is shown on the A10G only: its fp16 weights (16 GB) do not fit a 16 GB T4.""",
          '''combos = [("t4", "llama-2-7b"), ("a10g-16vcpu", "llama-2-7b"), ("a10g-16vcpu", "llama-3.1-8b")]
-rates_by_hardware = {"t4": [0.05, 0.1, 0.2, 0.4, 0.8], "a10g-16vcpu": [0.25, 0.5, 1.0, 2.0, 4.0]}
+rates_by_hardware = {"t4": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8],
+                     "a10g-16vcpu": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0]}
 policies = ["gpu_only", "neo_published", "neo", "apex"]
 prompt_len, output_len = 128, 512
 num_requests = 100

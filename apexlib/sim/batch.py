@@ -34,7 +34,7 @@ class SimulationJob:
 def _summary_row(job: SimulationJob) -> dict[str, Any]:
     result = simulate(job.workload, cost_model=job.cost_model, record_iterations=False, **job.options)
     row = next(r for r in result.rows if r["row_type"] == "summary")
-    return {**job.labels, **row}
+    return {**job.labels, **row, **job.labels}  # the labels first, and they win over the row's own columns
 
 
 def default_workers() -> int:
