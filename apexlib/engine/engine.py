@@ -238,10 +238,11 @@ class LLMEngine:
         self.scheduler.add_request(request)
         return request_id
 
-    def abort_request(self, request_id: str | list[str]) -> None:
+    def abort_request(self, request_id: str | list[str], report: bool = True) -> None:
         """Abort one request or several (ids as ``add_request`` returned them; an int is taken as its
         string, as ``add_request`` does). Unknown or finished ids are ignored. Each aborted request
-        comes back once from the next ``step()``, finished with finish_reason ``"abort"``."""
+        comes back once from the next ``step()``, finished with finish_reason ``"abort"`` (unless
+        ``report=False``: the caller needs no output)."""
         ids = [request_id] if isinstance(request_id, (str, int)) else request_id
         try:
             ids = list(ids)
@@ -255,7 +256,7 @@ class LLMEngine:
         with self._lock:
             now = clock()
             for one in ids:
-                request = self.scheduler.abort_request(str(one))
+                request = self.scheduler.abort_request(str(one), report=report)
                 if request is not None:
                     request.finish_time = now
 

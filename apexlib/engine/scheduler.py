@@ -65,11 +65,12 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort_request(self, request_id: str) -> Request | None:
+    def abort_request(self, request_id: str, report: bool = True) -> Request | None:
+        """Finish a request as aborted (blocks freed); ``report``: hand it out by ``take_finished_elsewhere``."""
         request = self.requests.get(request_id)
         if request is None:
             return None
-        self._finish_elsewhere(request, RequestStatus.FINISHED_ABORTED)
+        self._finish_elsewhere(request, RequestStatus.FINISHED_ABORTED, report=report)
         return request
 
     def fail_request(self, request_id: str, error: str, now: float | None = None) -> Request | None:
@@ -81,13 +82,18 @@ class Scheduler:
         self._finish_elsewhere(request, RequestStatus.FINISHED_ERROR, now)
         return request
 
-    def _finish_elsewhere(self, request: Request, status: RequestStatus, now: float | None = None) -> None:
+    def _finish_elsewhere(self, request: Request, status: RequestStatus, now: float | None = None,
+                          report: bool = True) -> None:
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         self._finish(request, status, now)
-        self._finished_elsewhere.append(request)
+        if report:
+            self._finished_elsewhere.append(request)
+
+    def has_finished_elsewhere(self) -> bool:
+        return bool(self._finished_elsewhere)
 
     def take_finished_elsewhere(self) -> list[Request]:
         """Requests aborted or failed outside ``update_from_output`` since the last call (each once)."""
