@@ -176,7 +176,11 @@ class Scheduler:
             # A CPU-tier request prefills in one chunk on the GPU from its fresh K/V, which then go
             # to its CPU blocks: its earlier chunks would otherwise have to come back from the CPU.
             if tier is Tier.CPU and num_new < remaining:
-                break
+                if remaining <= self.config.max_num_batched_tokens:
+                    break  # it waits for an iteration with room for its whole prompt
+                # Longer than any iteration's token budget: it could never prefill in the CPU tier (the
+                # queue behind it would wait forever); it prefills in chunks in the GPU tier instead.
+                tier = Tier.GPU
             if tier is None or self.kv.allocate(request.request_id, total, tier) is None:
                 break
             self.waiting.popleft()
