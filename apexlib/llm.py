@@ -50,9 +50,8 @@ class LLM:
             return self._generate(prompts, sampling_params, use_tqdm)
 
     def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                 and not isinstance(prompts[0], (str, dict, list, tuple))):
-            prompts = [prompts]
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and _is_token(prompts[0])):
+            prompts = [prompts]  # one prompt: a string, a dict, or a list of token ids
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -90,3 +89,8 @@ class LLM:
                 engine.abort_request(unfinished, report=False)  # the caller has left: nobody reads them
                 logger.info("generate: aborted %d unfinished request(s) on exit", len(unfinished))
         return [results[request_id] for request_id in ids]
+
+
+def _is_token(item: Any) -> bool:
+    """A token id (int, numpy or 0-d torch integer), as opposed to a prompt (str, dict, list, 1-D array)."""
+    return not isinstance(item, (str, dict, list, tuple)) and getattr(item, "ndim", 0) == 0
