@@ -9,8 +9,9 @@ them). :func:`validate_profile` checks, with errors that name the table and the 
   >= 0, strictly increasing, with one time per point (a grid: one row per batch, one column per context);
 - every time is a finite number >= 0; fit coefficients are finite;
 - monotone where physics says so: more work never costs much less. Measured times are noisy at the
-  small end, so the check is end to end along each curve and each grid line: the time at the largest
-  point is at least half the time at the smallest (a sign flip, a zero or a swapped table fails it);
+  small end (a warm-up outlier of 2x is ordinary on a shared machine), so the check is end to end
+  along each curve and each grid line, with a wide margin: the time at the largest point is at least
+  a tenth of the time at the smallest (a reversed or swapped table, a value off by powers of ten fail it);
 - hybrid calibration factors: slowdowns > 0, ``per_job_seconds`` >= 0, ``serial_fraction`` in [0, 1].
 """
 
@@ -29,7 +30,7 @@ CURVES = {
 GRIDS = ("gpu_decode_attention", "cpu_decode_attention")
 TRANSFER_DIRECTIONS = ("d2h", "h2d")
 #: The time at a curve's largest point may be no less than this share of the time at its smallest.
-MONOTONE_SLACK = 0.5
+MONOTONE_SLACK = 0.1
 
 
 class ProfileError(ValueError):
