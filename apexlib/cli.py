@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # bad input, unreadable files: one line, exit code 2
         sys.stderr.write(f"apex {args.command}: error: {error}\n")
         return 2
 

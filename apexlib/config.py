@@ -21,6 +21,9 @@ CPU_PLACEMENTS = ("overflow", "cpu")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 POLICIES = ("gpu_only", "hybrid", "neo", "neo_published", "apex")
 GIB = 1024**3
+#: Seconds the engine waits for one CPU-attention job (one layer's attention: milliseconds) before it
+#: declares the worker stuck (``EngineArgs.cpu_attention_timeout``).
+DEFAULT_CPU_JOB_TIMEOUT = 300.0
 
 
 def _require(condition: bool, message: str) -> None:
@@ -213,8 +216,11 @@ class EngineConfig:
     cpu_attention_threads: int | None = None
     cpu_attention_cpus: tuple[int, ...] | None = None
     profile_subtasks: bool = False
+    cpu_attention_timeout: float = DEFAULT_CPU_JOB_TIMEOUT
 
     def __post_init__(self) -> None:
+        _require(math.isfinite(self.cpu_attention_timeout) and self.cpu_attention_timeout > 0,
+                 f"cpu_attention_timeout must be a finite number of seconds > 0, got {self.cpu_attention_timeout!r}")
         _require(self.dtype in SUPPORTED_DTYPES, f"dtype must be one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
         _require(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
                  f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")

@@ -3,14 +3,56 @@
 from __future__ import annotations
 
 import enum
+import math
+import numbers
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 OUTPUT_KINDS = ("cumulative", "final_only")
+#: Seeds are 64-bit unsigned integers (what ``torch.Generator.manual_seed`` takes).
+MAX_SEED = 2**64 - 1
+#: The smallest temperature > 0: below it, logits / temperature overflows float32 for ordinary logits
+#: (|logit| ~ 10 / 1e-38 = inf) and the probabilities become NaN. vLLM treats such values as greedy;
+#: here they are rejected so that nobody gets greedy decoding who asked for sampling.
+MIN_TEMPERATURE = 1e-5
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def as_int(value: object, field_name: str) -> int:
+    """``value`` as a Python int: ints and integer scalars of numpy/torch (``__index__``), never a bool.
+
+    Raises TypeError naming ``field_name`` and the type given."""
+    if isinstance(value, bool) or _type_name(value) in ("bool_", "bool"):
+        raise TypeError(f"{field_name} must be an integer, got bool {value!r}")
+    if isinstance(value, int):
+        return int(value)
+    try:
+        return operator.index(value)  # numpy integers, 0-d integer torch tensors
+    except TypeError:
+        raise TypeError(f"{field_name} must be an integer, got {_type_name(value)} {value!r}") from None
+
+
+def as_real(value: object, field_name: str) -> float:
+    """``value`` as a finite float: ints and floats (numpy scalars included), never a bool or a string."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{field_name} must be a number, got {_type_name(value)} {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{field_name} must be finite, got {value!r}")
+    return result
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to sample one request. ``temperature == 0`` is greedy decoding."""
+    """How to sample one request. ``temperature == 0`` is greedy decoding.
+
+    Every field is checked here, at construction (type, then range; ``bool`` is not an int; numpy and
+    torch integer scalars are taken as ints), so a bad value raises where it is written and can never
+    reach an engine step."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -25,18 +67,41 @@ class SamplingParams:
     output_kind: str = "cumulative"
 
     def __post_init__(self) -> None:
-        if self.output_kind not in OUTPUT_KINDS:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.output_kind, str) or self.output_kind not in OUTPUT_KINDS:
             raise ValueError(f"SamplingParams.output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        put("max_tokens", as_int(self.max_tokens, "SamplingParams.max_tokens"))
+        if self.max_tokens < 1:
             raise ValueError(f"SamplingParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0.0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
+        put("temperature", as_real(self.temperature, "SamplingParams.temperature"))
+        if not (self.temperature == 0.0 or self.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"SamplingParams.temperature must be >= 0: 0 (greedy) or >= {MIN_TEMPERATURE} "
+                             f"(smaller values overflow the scaled logits), got {self.temperature!r}")
+        put("top_p", as_real(self.top_p, "SamplingParams.top_p"))
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        put("top_k", as_int(self.top_k, "SamplingParams.top_k"))
         if self.top_k != -1 and self.top_k < 1:
-            raise ValueError(f"SamplingParams.top_k must be -1 (off) or >= 1, got {self.top_k!r}")
+            raise ValueError(f"SamplingParams.top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        if self.seed is not None:
+            put("seed", as_int(self.seed, "SamplingParams.seed"))
+            if not 0 <= self.seed <= MAX_SEED:
+                raise ValueError(f"SamplingParams.seed must be None or an integer in [0, 2**64 - 1], "
+                                 f"got {self.seed!r}")
         if self.stop_token_ids is not None:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+            if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(self.stop_token_ids, Iterable):
+                raise TypeError(f"SamplingParams.stop_token_ids must be None or a list of token ids, got "
+                                f"{_type_name(self.stop_token_ids)} {self.stop_token_ids!r}")
+            ids = tuple(as_int(t, f"SamplingParams.stop_token_ids[{i}]") for i, t in enumerate(self.stop_token_ids))
+            for index, token in enumerate(ids):
+                if token < 0:
+                    raise ValueError(f"SamplingParams.stop_token_ids[{index}] must be >= 0, got {token}")
+            put("stop_token_ids", ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"SamplingParams.ignore_eos must be a bool, got {_type_name(self.ignore_eos)} "
+                            f"{self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +115,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "finished_stopped"  # EOS or a stop token
     FINISHED_LENGTH = "finished_length"  # max_tokens or max_model_len
     FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"  # processing this request raised; ``Request.error`` says what
 
     @property
     def finished(self) -> bool:
@@ -57,7 +123,8 @@ class RequestStatus(enum.Enum):
 
     @property
     def finish_reason(self) -> str | None:
-        return {"FINISHED_STOPPED": "stop", "FINISHED_LENGTH": "length", "FINISHED_ABORTED": "abort"}.get(self.name)
+        return {"FINISHED_STOPPED": "stop", "FINISHED_LENGTH": "length", "FINISHED_ABORTED": "abort",
+                "FINISHED_ERROR": "error"}.get(self.name)
 
 
 @dataclass
@@ -82,6 +149,7 @@ class Request:
     first_scheduled_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     finish_time: float | None = None
+    error: str | None = None  # why it finished with FINISHED_ERROR
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -137,3 +205,4 @@ class RequestOutput:
     outputs: tuple[CompletionOutput, ...]
     finished: bool
     metrics: RequestMetrics
+    error: str | None = None  # finish_reason "error": what went wrong with this request

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, fields
 
 from apexlib.config import (
+    DEFAULT_CPU_JOB_TIMEOUT,
     GIB,
     SUPPORTED_DTYPES,
     CacheConfig,
@@ -53,6 +54,48 @@ class EngineArgs:
     # neo/apex: a profile JSON from `apex profile`, "roofline:<hardware>" (apexlib.profiling.hardware), or "zero".
     cost_model: str | None = None
     iteration_time_bound: float | None = None
+    # Seconds the engine waits for one CPU-attention job before it raises (a stuck worker would hang step()).
+    cpu_attention_timeout: float = DEFAULT_CPU_JOB_TIMEOUT
+
+    def __post_init__(self) -> None:
+        """Types and ranges of every numeric argument, naming the argument (0 is never "use the default")."""
+        def integer(name: str, minimum: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer{' or None' if optional else ''}, got "
+                                f"{type(value).__name__} {value!r}")
+            if value < minimum:
+                raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+        def number(name: str, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number{' or None' if optional else ''}, got "
+                                f"{type(value).__name__} {value!r}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+        if not isinstance(self.model, str) or not self.model:
+            raise TypeError(f"model must be a checkpoint path (str), got {type(self.model).__name__} {self.model!r}")
+        integer("block_size", 1)
+        integer("num_gpu_blocks", 1, optional=True)
+        integer("num_cpu_blocks", 0, optional=True)
+        integer("max_model_len", 2, optional=True)
+        integer("max_num_seqs", 1)
+        integer("max_num_batched_tokens", 1, optional=True)
+        integer("seed", 0)
+        integer("cpu_attention_threads", 1, optional=True)
+        number("gpu_kv_gib", optional=True)
+        number("cpu_kv_gib", optional=True)
+        number("iteration_time_bound", optional=True)
+        number("cpu_attention_timeout")
+        for name in ("enable_chunked_prefill", "profile_subtasks"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -76,7 +119,7 @@ class EngineArgs:
     def create_engine_config(self, model_config: ModelConfig, device: str, dtype: str,
                              free_device_bytes: int | None) -> EngineConfig:
         """Resolve defaults; ``free_device_bytes`` is the memory left for the GPU KV pool (None: host)."""
-        max_model_len = self.max_model_len or model_config.max_position_embeddings
+        max_model_len = model_config.max_position_embeddings if self.max_model_len is None else self.max_model_len
         if max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the checkpoint's max_position_embeddings "
                              f"({model_config.max_position_embeddings})")
@@ -108,8 +151,8 @@ class EngineArgs:
         scheduler = SchedulerConfig(
             max_model_len=max_model_len,
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens or max(2048, max_model_len if not
-                                                                       self.enable_chunked_prefill else 0),
+            max_num_batched_tokens=(self.max_num_batched_tokens if self.max_num_batched_tokens is not None else
+                                    max(2048, max_model_len if not self.enable_chunked_prefill else 0)),
             enable_chunked_prefill=self.enable_chunked_prefill,
             policy=self.policy,
             hybrid_mode=self.hybrid_mode,
@@ -119,11 +162,12 @@ class EngineArgs:
         return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=dtype, device=device,
                             seed=self.seed, cpu_attention_threads=self.cpu_attention_threads,
                             cpu_attention_cpus=tuple(self.cpu_attention_cpus) if self.cpu_attention_cpus else None,
-                            profile_subtasks=self.profile_subtasks)
+                            profile_subtasks=self.profile_subtasks,
+                            cpu_attention_timeout=float(self.cpu_attention_timeout))
 
 
 def activation_reserve_bytes(model_config: ModelConfig, max_num_batched_tokens: int | None) -> int:
     """Device memory kept free for activations and logits of the largest iteration (a coarse upper bound)."""
-    tokens = max_num_batched_tokens or 2048
+    tokens = 2048 if max_num_batched_tokens is None else max_num_batched_tokens
     per_token = 4 * (model_config.hidden_size * 4 + model_config.intermediate_size * 3 + model_config.vocab_size)
     return tokens * per_token + 512 * 1024**2

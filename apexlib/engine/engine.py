@@ -4,13 +4,28 @@ Initialisation protocol: read the checkpoint's config -> choose device and dtype
 weights -> measure the device memory left -> size the KV pools -> allocate them -> build the
 runner and the scheduler. Everything a request needs is validated in ``add_request`` before it
 is queued, so a bad request raises there and the requests already accepted keep being served.
+
+Failures after a request is accepted (see ``apexlib.engine.scheduler`` for the details):
+
+- an error that belongs to one request (sampling it, applying its result, detokenizing it) finishes
+  that request with finish_reason ``"error"`` (``RequestOutput.error`` says why) and frees its blocks;
+- an error of the whole iteration (scheduling, the block copies of tier moves, the forward, a CPU
+  job, a CPU-worker timeout) raises :class:`IterationError` from ``step()`` after the iteration was
+  discarded: no request advanced, and the requests whose KV blocks were being moved between tiers
+  (which may hold nothing) are failed. ``step()`` may be called again: the others run on unchanged.
+
+Threads: one thread owns the engine and calls ``step()`` (a serving loop talks to it through
+queues). ``add_request``, ``abort_request`` and ``step`` hold one engine lock, so a call from
+another thread waits for the current step to end instead of corrupting the queues.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +56,34 @@ from apexlib.runner.overlap import CpuAttentionWorker
 logger = logging.getLogger(__name__)
 
 PromptType = str | dict[str, Any] | list[int]
+
+
+class IterationError(RuntimeError):
+    """One engine iteration failed as a whole and was discarded (no request advanced); ``stage`` is
+    where it failed, ``failed_request_ids`` the requests it had to fail. ``step()`` may be called again."""
+
+    def __init__(self, iteration: int | None, stage: str, error: BaseException, failed_request_ids: list[str]):
+        self.stage = stage
+        self.failed_request_ids = failed_request_ids
+        where = f"iteration {iteration}" if iteration is not None else "the next iteration"
+        failed = (f"; {len(failed_request_ids)} request(s) whose KV blocks were being moved between tiers "
+                  f"failed: {failed_request_ids}" if failed_request_ids else "")
+        super().__init__(f"{where} failed in {stage}: {type(error).__name__}: {error}. It was discarded "
+                         f"(no request advanced){failed}; step() may be called again")
+
+
+def _token_id(token: Any, index: int, vocab_size: int) -> int:
+    """A prompt token id as an int (numpy/torch integer scalars included), checked against the vocabulary."""
+    if isinstance(token, bool) or type(token).__name__ in ("bool_", "bool"):
+        raise ValueError(f"prompt_token_ids[{index}]={token!r} is a bool, not a token id")
+    try:
+        value = operator.index(token)
+    except TypeError:
+        raise ValueError(f"prompt_token_ids[{index}]={token!r} is not an integer token id "
+                         f"(got {type(token).__name__})") from None
+    if not 0 <= value < vocab_size:
+        raise ValueError(f"prompt_token_ids[{index}]={value!r} is outside the vocabulary [0, {vocab_size})")
+    return value
 
 
 def resolve_device(device: str) -> str:
@@ -113,7 +156,8 @@ class LLMEngine:
                                    self.stats)
         worker = None
         if self.cpu_storage is not None:
-            worker = CpuAttentionWorker(self.config.cpu_attention_cpus, self.config.cpu_attention_threads)
+            worker = CpuAttentionWorker(self.config.cpu_attention_cpus, self.config.cpu_attention_threads,
+                                        timeout=self.config.cpu_attention_timeout)
             if device == "cpu":
                 # The "GPU" side is torch on the CPU: keep it off the worker's cores, or the two OpenMP
                 # teams oversubscribe the machine and every barrier waits for a descheduled thread.
@@ -127,6 +171,7 @@ class LLMEngine:
                                   profile=self.config.profile_subtasks)
         self.last_subtask_seconds: dict[str, float] = {}
         self._request_counter = itertools.count()
+        self._lock = threading.RLock()  # add_request / abort_request / step: one at a time (module docstring)
         logger.info("engine ready: %s on %s (%s), %d GPU-tier blocks, %d CPU-tier blocks, policy %s",
                     model_config.path, device, dtype, cache.num_gpu_blocks, cache.num_cpu_blocks,
                     self.config.scheduler.policy)
@@ -154,18 +199,15 @@ class LLMEngine:
         elif isinstance(prompt, dict):
             if "prompt_token_ids" not in prompt:
                 raise ValueError(f"prompt dict needs the field 'prompt_token_ids', got fields {sorted(prompt)}")
-            token_ids = list(prompt["prompt_token_ids"])
+            token_ids = _as_token_list(prompt["prompt_token_ids"], "prompt_token_ids")
             text = prompt.get("prompt")
-        elif isinstance(prompt, (list, tuple)):
-            token_ids = list(prompt)
+        elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
+            token_ids = _as_token_list(prompt, "prompt")
         else:
             raise ValueError(f"prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError("prompt is empty (prompt_token_ids has no tokens)")
-        for index, token in enumerate(token_ids):
-            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
-                raise ValueError(f"prompt_token_ids[{index}]={token!r} is outside the vocabulary "
-                                 f"[0, {vocab_size})")
+        token_ids = [_token_id(token, index, vocab_size) for index, token in enumerate(token_ids)]
         max_model_len = self.config.scheduler.max_model_len
         if len(token_ids) >= max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {max_model_len} (the prompt "
@@ -174,6 +216,12 @@ class LLMEngine:
 
     def add_request(self, request_id: str | None, prompt: PromptType, sampling_params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:
+        """Validate and queue one request; returns its id (``str(request_id)``, or a new one for None)."""
+        with self._lock:
+            return self._add_request(request_id, prompt, sampling_params, arrival_time)
+
+    def _add_request(self, request_id: str | None, prompt: PromptType, sampling_params: SamplingParams | None,
+                     arrival_time: float | None) -> str:
         sampling_params = sampling_params if sampling_params is not None else SamplingParams()
         if not isinstance(sampling_params, SamplingParams):
             raise ValueError(f"sampling_params must be SamplingParams, got {type(sampling_params).__name__}")
@@ -190,11 +238,27 @@ class LLMEngine:
         self.scheduler.add_request(request)
         return request_id
 
-    def abort_request(self, request_id: str | list[str]) -> None:
-        for one in [request_id] if isinstance(request_id, str) else request_id:
-            request = self.scheduler.abort_request(one)
-            if request is not None:
-                request.finish_time = clock()
+    def abort_request(self, request_id: str | list[str], report: bool = True) -> None:
+        """Abort one request or several (ids as ``add_request`` returned them; an int is taken as its
+        string, as ``add_request`` does). Unknown or finished ids are ignored. Each aborted request
+        comes back once from the next ``step()``, finished with finish_reason ``"abort"`` (unless
+        ``report=False``: the caller needs no output)."""
+        ids = [request_id] if isinstance(request_id, (str, int)) else request_id
+        try:
+            ids = list(ids)
+        except TypeError:
+            raise TypeError(f"abort_request takes a request id (str) or a list of them, got "
+                            f"{type(request_id).__name__} {request_id!r}") from None
+        for index, one in enumerate(ids):
+            if isinstance(one, bool) or not isinstance(one, (str, int)):
+                raise TypeError(f"abort_request: request id {index} must be a str (as add_request returned it), "
+                                f"got {type(one).__name__} {one!r}")
+        with self._lock:
+            now = clock()
+            for one in ids:
+                request = self.scheduler.abort_request(str(one), report=report)
+                if request is not None:
+                    request.finish_time = now
 
     def close(self) -> None:
         """Stop the CPU-attention worker thread (also happens at interpreter exit: it is a daemon)."""
@@ -212,26 +276,60 @@ class LLMEngine:
         (``final_only`` requests: only when they finish).
 
         Set ``engine.step_log`` to a list to receive one :class:`StepRecord` per step (the profiler's
-        calibration runs measure the engine's own per-step overhead with it)."""
+        calibration runs measure the engine's own per-step overhead with it).
+
+        Requests aborted or failed since the previous step come back once, finished. An error of the
+        whole iteration raises :class:`IterationError` after discarding the iteration (module docstring).
+        """
+        with self._lock:
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         log = self.step_log
+        scheduler = self.scheduler
         started = clock()
-        plan = self.scheduler.schedule(started)
-        scheduled = clock()
-        output = self.runner.execute(plan)
+        plan = None
+        stage = "schedule"
+        try:
+            plan = scheduler.schedule(started)
+            scheduled = clock()
+            stage = "swaps"
+            swap_seconds = self.runner.apply_swaps(plan) if plan.swap_in or plan.swap_out else {}
+            scheduler.commit_swaps()
+            stage = "execute"
+            output = self.runner.execute(plan, apply_swaps=False)
+        except Exception as error:
+            failed = scheduler.fail_uncommitted_swaps(f"{type(error).__name__}: {error}", clock())
+            logger.error("iteration %s failed in %s: %s: %s", plan.iteration if plan else None, stage,
+                         type(error).__name__, error)
+            raise IterationError(plan.iteration if plan else None, stage, error,
+                                 [r.request_id for r in failed]) from error
+        except BaseException:  # KeyboardInterrupt and the like: discard the iteration the same way, re-raise
+            scheduler.fail_uncommitted_swaps("interrupted", clock())
+            raise
+        if swap_seconds:
+            output.subtask_seconds.update(swap_seconds)
         self.last_subtask_seconds = output.subtask_seconds
         executed = clock()
-        updated = self.scheduler.update_from_output(plan, output, executed)
+        updated = scheduler.update_from_output(plan, output, executed)
         if log is not None:
             log.append(StepRecord(plan, started, scheduled - started, executed - scheduled, clock() - executed,
                                   output.subtask_seconds))
-        return [self._output(request) for request in updated
-                if request.sampling_params.output_kind == "cumulative" or request.is_finished]
+        outputs = [self._output(request) for request in updated
+                   if request.sampling_params.output_kind == "cumulative" or request.is_finished]
+        outputs.extend(self._output(request) for request in scheduler.take_finished_elsewhere())
+        return outputs
 
     def _output(self, request: Request) -> RequestOutput:
         finished = request.is_finished
         text = ""
+        error = request.error
         if finished and self.tokenizer is not None:
-            text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+            try:
+                text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
+            except Exception as decode_error:  # this request's problem: its tokens still come back
+                error = f"detokenizing failed: {type(decode_error).__name__}: {decode_error}"
+                logger.warning("request %s: %s", request.request_id, error)
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
@@ -247,7 +345,22 @@ class LLMEngine:
                 token_times=tuple(request.token_times),
                 num_preemptions=request.num_preemptions,
             ),
+            error=error,
         )
+
+
+def _as_token_list(value: Any, field_name: str) -> list[Any]:
+    """A list of token ids from a list, tuple, or a 1-D numpy array / torch tensor."""
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        if getattr(value, "ndim", 1) != 1:
+            raise ValueError(f"{field_name} must be one-dimensional, got shape {tuple(value.shape)}")
+        value = value.tolist()
+    if isinstance(value, (str, bytes, dict)):
+        raise ValueError(f"{field_name} must be a list of token ids, got {type(value).__name__}")
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError(f"{field_name} must be a list of token ids, got {type(value).__name__}") from None
 
 
 def build_cost_model(spec: str | None, model_config: ModelConfig, dtype: str, device: str) -> CostModel:

@@ -119,3 +119,6 @@ class RunnerOutput:
 
     sampled_token_ids: dict[str, int]  # request id -> token, for sequences with sample=True
     subtask_seconds: dict[str, float] = field(default_factory=dict)  # measured, when profiling is on
+    # request id -> why its part of the iteration failed (sampling it raised, say); those requests are
+    # failed alone by ``Scheduler.update_from_output`` and have no sampled token
+    failed: dict[str, str] = field(default_factory=dict)

@@ -10,6 +10,21 @@ Every ``schedule()`` turns the queues and the KV manager's state into one ``Iter
 
 ``update_from_output()`` applies the runner's sampled tokens, checks stop conditions and frees
 finished requests.
+
+Failure semantics (what keeps one bad request or one transient fault from corrupting the engine):
+
+- After ``schedule()`` the queues and block tables are a consistent state in which no request has
+  advanced: an iteration whose execution fails is simply not applied, and the next ``schedule()``
+  plans the same work again (its K/V writes only went to positions not yet counted as computed).
+- The one exception is a tier move (swap): its bookkeeping is done in ``schedule()`` but its data
+  moves in the runner. The engine calls ``commit_swaps()`` once the runner has copied the blocks; if
+  ``schedule()`` or the copies fail first, ``fail_uncommitted_swaps()`` fails the moved requests
+  (their blocks may hold nothing) instead of letting them decode from garbage.
+- ``update_from_output()`` applies each request on its own: an error while applying one request's
+  result (or the runner's report that sampling it failed) finishes that request with
+  ``FINISHED_ERROR`` and frees its blocks; the others advance.
+- Requests finished outside ``update_from_output()`` (aborted, failed) are handed out once by
+  ``take_finished_elsewhere()`` so that their owners learn about it.
 """
 
 from __future__ import annotations
@@ -39,6 +54,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._released_ids: list[str] = []
+        self._uncommitted_swaps: list[str] = []  # requests moved between tiers by the last schedule()
+        self._finished_elsewhere: list[Request] = []  # aborted / failed since the last take
         self._iteration = 0
         # CPU-resident decodes offered to the policy and left out: consecutive iterations, per request id.
         self._cpu_stalls: dict[str, int] = {}
@@ -50,16 +67,56 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def abort_request(self, request_id: str) -> Request | None:
+    def abort_request(self, request_id: str, report: bool = True) -> Request | None:
+        """Finish a request as aborted (blocks freed); ``report``: hand it out by ``take_finished_elsewhere``."""
         request = self.requests.get(request_id)
         if request is None:
             return None
+        self._finish_elsewhere(request, RequestStatus.FINISHED_ABORTED, report=report)
+        return request
+
+    def fail_request(self, request_id: str, error: str, now: float | None = None) -> Request | None:
+        """Finish a request with ``FINISHED_ERROR`` (blocks freed, queued for ``take_finished_elsewhere``)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        request.error = error
+        self._finish_elsewhere(request, RequestStatus.FINISHED_ERROR, now)
+        return request
+
+    def _finish_elsewhere(self, request: Request, status: RequestStatus, now: float | None = None,
+                          report: bool = True) -> None:
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self._finish(request, RequestStatus.FINISHED_ABORTED)
-        return request
+        self._finish(request, status, now)
+        if report:
+            self._finished_elsewhere.append(request)
+
+    def has_finished_elsewhere(self) -> bool:
+        return bool(self._finished_elsewhere)
+
+    def take_finished_elsewhere(self) -> list[Request]:
+        """Requests aborted or failed outside ``update_from_output`` since the last call (each once)."""
+        taken, self._finished_elsewhere = self._finished_elsewhere, []
+        return taken
+
+    # -- tier moves: bookkeeping in schedule(), data in the runner ---------------------------------
+    def commit_swaps(self) -> None:
+        """The runner has copied the blocks of the last plan's swaps: the moved requests are whole again."""
+        self._uncommitted_swaps.clear()
+
+    def fail_uncommitted_swaps(self, error: str, now: float | None = None) -> list[Request]:
+        """Fail every request the last ``schedule()`` moved between tiers whose blocks were never copied."""
+        failed = []
+        for request_id in dict.fromkeys(self._uncommitted_swaps):
+            request = self.fail_request(request_id, f"its KV blocks were being moved between tiers when the "
+                                                    f"iteration failed ({error})", now)
+            if request is not None:
+                failed.append(request)
+        self._uncommitted_swaps.clear()
+        return failed
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
@@ -70,6 +127,7 @@ class Scheduler:
 
     # -- scheduling ------------------------------------------------------------------------------
     def schedule(self, now: float) -> IterationPlan:
+        self._uncommitted_swaps.clear()  # the previous plan's moves were copied (engine) or need no data (simulator)
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted = False
@@ -83,7 +141,13 @@ class Scheduler:
             if tier is Tier.CPU and not self.policy.runs_cpu_decodes():
                 index += 1  # CPU-resident requests wait in this policy's iterations
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            remaining = request.num_tokens - request.num_computed_tokens
+            if tier is Tier.CPU and remaining > budget:
+                # A CPU-tier prefill runs in one chunk from position 0 (see admission below); one is only
+                # running un-prefilled after an iteration that failed, and it waits for a whole budget.
+                index += 1
+                continue
+            num_new = min(remaining, budget)
             total = request.num_computed_tokens + num_new
             evicted_self = False
             while self.kv.allocate(request.request_id, total, tier) is None:
@@ -114,7 +178,11 @@ class Scheduler:
             # A CPU-tier request prefills in one chunk on the GPU from its fresh K/V, which then go
             # to its CPU blocks: its earlier chunks would otherwise have to come back from the CPU.
             if tier is Tier.CPU and num_new < remaining:
-                break
+                if remaining <= self.config.max_num_batched_tokens:
+                    break  # it waits for an iteration with room for its whole prompt
+                # Longer than any iteration's token budget: it could never prefill in the CPU tier (the
+                # queue behind it would wait forever); it prefills in chunks in the GPU tier instead.
+                tier = Tier.GPU
             if tier is None or self.kv.allocate(request.request_id, total, tier) is None:
                 break
             self.waiting.popleft()
@@ -173,6 +241,7 @@ class Scheduler:
                 moved = self.kv.swap_in(request.request_id)
                 if moved is None:
                     break
+                self._uncommitted_swaps.append(request.request_id)
                 pairs.extend(moved)
         return pairs
 
@@ -187,6 +256,7 @@ class Scheduler:
         is_decoding = victim.num_computed_tokens >= victim.num_prompt_tokens and victim.num_output_tokens > 0
         if (tier is Tier.GPU and is_decoding and self.policy.swap_out_instead_of_preempt()
                 and self.kv.can_swap_out(victim.request_id)):
+            self._uncommitted_swaps.append(victim.request_id)
             return self.kv.swap_out(victim.request_id), False
         del self.running[victim_index]
         self._preempt(victim)
@@ -220,37 +290,56 @@ class Scheduler:
 
     # -- applying results ------------------------------------------------------------------------
     def update_from_output(self, plan: IterationPlan, output: RunnerOutput, now: float) -> list[Request]:
-        """Apply one iteration's results; return the requests that produced a token or finished."""
+        """Apply one iteration's results; return the requests that produced a token or finished.
+
+        Each request is applied on its own: when the runner reports that sampling it failed, or applying
+        its result raises, it finishes with ``FINISHED_ERROR`` (and is returned) while the others advance."""
         updated: list[Request] = []
+        failed = output.failed
+        for sequence in plan.sequences:
+            request = self.requests.get(sequence.request_id)
+            if request is None or request.is_finished:
+                continue
+            try:
+                if failed and sequence.request_id in failed:
+                    raise RuntimeError(failed[sequence.request_id])
+                if not sequence.sample:
+                    request.num_computed_tokens += sequence.num_new_tokens
+                    continue
+                token = output.sampled_token_ids[sequence.request_id]
+                status = self._stop_status(request, token)
+            except Exception as error:  # this request's failure, not the iteration's
+                message = str(error) if failed and sequence.request_id in failed else \
+                    f"applying its iteration result failed: {type(error).__name__}: {error}"
+                logger.warning("request %s failed: %s", request.request_id, message)
+                request.error = message
+                if request in self.running:
+                    self.running.remove(request)
+                self._finish(request, RequestStatus.FINISHED_ERROR, now)
+                updated.append(request)
+                continue
+            request.num_computed_tokens += sequence.num_new_tokens
+            request.output_token_ids.append(token)
+            request.token_times.append(now)
+            if status is not None:
+                self.running.remove(request)
+                self._finish(request, status, now)
+            updated.append(request)
         self.stats.iterations += 1
         self.stats.mode_counts[plan.mode.value] = self.stats.mode_counts.get(plan.mode.value, 0) + 1
         self.stats.prefill_tokens += sum(s.num_new_tokens for s in plan.prefills)
         self.stats.gpu_decode_tokens += len(plan.gpu_decodes)
         self.stats.cpu_decode_tokens += len(plan.cpu_decodes)
-        for sequence in plan.sequences:
-            request = self.requests.get(sequence.request_id)
-            if request is None or request.is_finished:
-                continue
-            request.num_computed_tokens += sequence.num_new_tokens
-            if not sequence.sample:
-                continue
-            token = output.sampled_token_ids[sequence.request_id]
-            request.output_token_ids.append(token)
-            request.token_times.append(now)
-            status = self._stop_status(request, token)
-            if status is not None:
-                self.running.remove(request)
-                self._finish(request, status, now)
-            updated.append(request)
         return updated
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        """The status ``request`` finishes with once ``token`` is appended (None: it goes on); changes nothing."""
         params = request.sampling_params
         if not params.ignore_eos and token in request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if params.stop_token_ids and token in params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.config.max_model_len:
+        if request.num_output_tokens + 1 >= params.max_tokens or request.num_tokens + 1 >= self.config.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 

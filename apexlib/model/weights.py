@@ -4,6 +4,12 @@ The model is built on the meta device, then every tensor is read once from the s
 files straight to its target device and dtype and assigned (``load_state_dict(assign=True)``),
 so no full extra copy of the weights is ever made. Q/K/V and gate/up are concatenated into the
 fused projections one layer at a time.
+
+Before anything is read, the checkpoint's tensor names and shapes (from the safetensors headers) are
+checked against what ``config.json`` implies (:func:`expected_tensors`): every tensor must be there
+with its shape, and none may be left over (weights for more layers than ``num_hidden_layers``, say);
+the error names the tensor, the file and both shapes. A file that is not readable safetensors (a
+truncated download) is named in the error.
 """
 
 from __future__ import annotations
@@ -40,22 +46,101 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
+#: Tensors some checkpoints carry that the model recomputes (RoPE frequencies): neither needed nor an error.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def expected_tensors(config: ModelConfig, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor ``config`` implies (``lm_head.weight`` unless embeddings are tied)."""
+    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
+    q_out, kv_out = config.num_heads * head_dim, config.num_kv_heads * head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{prefix}embed_tokens.weight": (config.vocab_size, hidden),
+        f"{prefix}norm.weight": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    for index in range(config.num_layers):
+        layer = f"{prefix}layers.{index}."
+        shapes[layer + "input_layernorm.weight"] = (hidden,)
+        shapes[layer + "post_attention_layernorm.weight"] = (hidden,)
+        projections = {"self_attn.q_proj": (q_out, hidden), "self_attn.k_proj": (kv_out, hidden),
+                       "self_attn.v_proj": (kv_out, hidden), "self_attn.o_proj": (hidden, q_out),
+                       "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+                       "mlp.down_proj": (hidden, inter)}
+        for name, shape in projections.items():
+            shapes[layer + name + ".weight"] = shape
+            if (config.attention_bias and name.startswith("self_attn")) or (config.mlp_bias and name.startswith("mlp")):
+                shapes[layer + name + ".bias"] = (shape[0],)
+    return shapes
+
+
 class _TensorSource:
     """name -> tensor reader over all shards, reading each tensor once on demand."""
 
     def __init__(self, files: list[Path], device: torch.device, dtype: torch.dtype) -> None:
         self.device = device
         self.dtype = dtype
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
-        self._where = {name: handle for handle in self._handles for name in handle.keys()}
+        self._handles = []
+        self._where: dict[str, tuple[Path, object]] = {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+                names = list(handle.keys())
+            except Exception as error:  # SafetensorError, OSError: name the file, not just the library's reason
+                raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt download?): "
+                                 f"{error}") from None
+            self._handles.append(handle)
+            for name in names:
+                self._where[name] = (file, handle)
 
     def names(self) -> set[str]:
         return set(self._where)
 
+    def file_of(self, name: str) -> Path:
+        return self._where[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, handle = self._where[name]
+        try:
+            return tuple(handle.get_slice(name).get_shape())
+        except Exception as error:
+            raise ValueError(f"{file}: cannot read the header of tensor {name!r}: {error}") from None
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ValueError(f"checkpoint is missing tensor {name!r}")
-        return self._where[name].get_tensor(name).to(device=self.device, dtype=self.dtype)
+        file, handle = self._where[name]
+        try:
+            tensor = handle.get_tensor(name)
+        except Exception as error:
+            raise ValueError(f"{file}: cannot read tensor {name!r} (truncated or corrupt file?): {error}") from None
+        return tensor.to(device=self.device, dtype=self.dtype)
+
+
+def check_tensors(config: ModelConfig, source: _TensorSource, prefix: str) -> None:
+    """Every tensor ``config`` implies is present with its shape; no tensor is left over. ValueError naming
+    the tensor (and its file, and both shapes) otherwise."""
+    expected = expected_tensors(config, prefix)
+    names = source.names()
+    where = f"config.json at {config.path}"
+    missing = [name for name in expected if name not in names]
+    if "lm_head.weight" in missing:
+        raise ValueError(f"checkpoint has no lm_head.weight and tie_word_embeddings is false ({where})")
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) that {where} implies "
+                         f"(num_hidden_layers={config.num_layers}): {missing[:5]}")
+    for name, shape in expected.items():
+        found = source.shape(name)
+        if found != shape:
+            raise ValueError(f"tensor {name} in {source.file_of(name).name} has shape {found}, but {where} implies "
+                             f"{shape}")
+    allowed = set(expected) | ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    leftover = sorted(n for n in names if n not in allowed and not n.endswith(IGNORED_SUFFIXES))
+    if leftover:
+        raise ValueError(f"checkpoint has {len(leftover)} tensor(s) that {where} does not use "
+                         f"(num_hidden_layers={config.num_layers}, attention_bias={config.attention_bias}, "
+                         f"mlp_bias={config.mlp_bias}): {leftover[:5]}")
 
 
 def _strip_prefix(names: set[str]) -> str:
@@ -70,6 +155,7 @@ def load_model(config: ModelConfig, dtype: str, device: str | torch.device) -> L
         model = LlamaModel(config)
     source = _TensorSource(checkpoint_files(config.path), device, torch_dtype)
     prefix = _strip_prefix(source.names())
+    check_tensors(config, source, prefix)
     state: dict[str, torch.Tensor] = {}
     state["embed_tokens.weight"] = source.get(f"{prefix}embed_tokens.weight")
     state["norm.weight"] = source.get(f"{prefix}norm.weight")

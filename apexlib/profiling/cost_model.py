@@ -34,6 +34,7 @@ from typing import Any
 from apexlib.engine.plan import CpuRuntime, IterationPlan, OverlapMode, PredictedTimes
 from apexlib.kvcache.manager import Tier
 from apexlib.profiling.hardware import GB, HardwareSpec
+from apexlib.profiling.validate import validate_profile
 
 logger = logging.getLogger(__name__)
 
@@ -355,6 +356,7 @@ class TableCostModel(CostModel):
     """
 
     def __init__(self, profile: Mapping[str, Any], decode_model: str = "auto") -> None:
+        validate_profile(profile)
         if profile.get("schema") != PROFILE_SCHEMA:
             raise ValueError(f"profile schema must be {PROFILE_SCHEMA!r}, got {profile.get('schema')!r}")
         if decode_model not in ("auto", "grid", "fit"):
@@ -632,6 +634,7 @@ def load_cost_model(path: str | Path, shape: ModelShape | None = None, dtype: st
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     schema = data.get("schema") if isinstance(data, dict) else None
     if schema == PROFILE_SCHEMA:
+        validate_profile(data, where=str(path))
         return TableCostModel(data)
     if schema == HARDWARE_SCHEMA:
         if shape is None:

@@ -13,6 +13,11 @@ K/V of every CPU-tier row to the CPU cache. Modes (``OverlapMode``):
   the other rows' attention, and the layer's output projection waits for both (APEX).
 - ``asymmetric_pipeline``: two sub-batches; while the CPU computes one sub-batch's attention the
   device runs the other's linear work, then they swap roles (NEO's ``forward_double``).
+
+When the forward fails (any layer, a CPU job, a timeout), ``execute`` first waits for the CPU jobs
+it already handed out, so none of them still writes the CPU cache after the error reaches the
+engine; the engine then discards the iteration (``apexlib.engine.scheduler``: nothing is applied).
+Sampling is per row: a row whose sampling raises is reported in ``RunnerOutput.failed``.
 """
 
 from __future__ import annotations
@@ -131,14 +136,35 @@ class ModelRunner:
             self.worker.close()
 
     @torch.inference_mode()
-    def execute(self, plan: IterationPlan) -> RunnerOutput:
+    def execute(self, plan: IterationPlan, apply_swaps: bool = True) -> RunnerOutput:
+        """Run ``plan``; ``apply_swaps=False`` when the caller has already run :meth:`apply_swaps` for it."""
         started = time.perf_counter()
         clock = _SubtaskClock(self.device, self.profile)
-        self.sampler.release(plan.finished_request_ids)
-        self._apply_swaps(plan, clock)
+        if apply_swaps:
+            self._apply_swaps(plan, clock)
         self._inline = plan.cpu_runtime is CpuRuntime.INLINE
         if not plan.sequences:
             return RunnerOutput(sampled_token_ids={}, subtask_seconds=clock.resolve())
+        try:
+            batches = self._run_forward(plan, clock)
+        except BaseException:
+            if self.worker is not None:
+                self.worker.drain()
+            raise
+        sampled, failed = self._sample(batches, clock)
+        seconds = clock.resolve()
+        seconds["iteration"] = time.perf_counter() - started
+        return RunnerOutput(sampled_token_ids=sampled, subtask_seconds=seconds, failed=failed)
+
+    @torch.inference_mode()
+    def apply_swaps(self, plan: IterationPlan) -> dict[str, float]:
+        """Copy the blocks of ``plan``'s tier moves (before :meth:`execute` with ``apply_swaps=False``);
+        returns the subtask seconds (``swap``) when profiling."""
+        clock = _SubtaskClock(self.device, self.profile)
+        self._apply_swaps(plan, clock)
+        return clock.resolve()
+
+    def _run_forward(self, plan: IterationPlan, clock: _SubtaskClock) -> list[_Batch]:
         has_cpu_rows = bool(plan.cpu_decodes) or any(s.tier is Tier.CPU for s in plan.prefills)
         if has_cpu_rows and (self.cpu_storage is None or self.worker is None):
             raise ValueError(f"plan {plan.iteration} has CPU-resident work but the engine has no CPU KV tier")
@@ -155,10 +181,7 @@ class ModelRunner:
                 raise ValueError(f"plan {plan.iteration} is mode 'none' but has CPU-resident decodes")
             batches = [self._prepare(plan.sequences)]
             self._forward(batches[0], clock)
-        sampled = self._sample(batches, clock)
-        seconds = clock.resolve()
-        seconds["iteration"] = time.perf_counter() - started
-        return RunnerOutput(sampled_token_ids=sampled, subtask_seconds=seconds)
+        return batches
 
     # -- swaps -----------------------------------------------------------------------------------
     def _apply_swaps(self, plan: IterationPlan, clock: _SubtaskClock) -> None:
@@ -325,7 +348,7 @@ class ModelRunner:
         return self.worker.submit(job)
 
     def _collect_cpu_job(self, job: CpuJob) -> torch.Tensor | None:
-        result = job.wait()
+        result = self.worker.wait(job)
         if result is None:
             return None
         output, done = result
@@ -356,7 +379,7 @@ class ModelRunner:
         self._finish_layer(second, len(self.model.layers) - 1, pending_second, clock)
 
     # -- sampling ---------------------------------------------------------------------------------
-    def _sample(self, batches: list[_Batch], clock: _SubtaskClock) -> dict[str, int]:
+    def _sample(self, batches: list[_Batch], clock: _SubtaskClock) -> tuple[dict[str, int], dict[str, str]]:
         started = clock.start()
         rows, sequences = [], []
         for batch in batches:
@@ -365,8 +388,9 @@ class ModelRunner:
                 rows.append(batch.hidden.index_select(0, torch.tensor(batch.sample_rows, device=self.device)))
                 sequences.extend(sampling)
         if not sequences:
-            return {}
+            return {}, {}
         logits = self.model.compute_logits(torch.cat(rows, dim=0))
-        tokens = self.sampler.sample(logits, sequences)
+        result = self.sampler.sample_rows(logits, sequences)
         clock.stop("sample", started)
-        return {s.request_id: t for s, t in zip(sequences, tokens, strict=True)}
+        return ({s.request_id: t for s, t in zip(sequences, result.tokens, strict=True) if t is not None},
+                result.errors)
