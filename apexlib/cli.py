@@ -73,9 +73,47 @@ def _bench(args: argparse.Namespace) -> int:
         from apexlib.bench.cpu_attention import main as cpu_attention_main
 
         return cpu_attention_main(args.rest)
+    if args.target == "serve":
+        return _bench_serve(args)
     if args.target not in (None, "engine"):
-        raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, cpu-attention)")
+        raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, serve, cpu-attention)")
     return _bench_engine(args)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    """``apex bench serve --base-url URL --model PATH ...``: a workload over HTTP (streaming), per rate."""
+    from rich.console import Console
+
+    from apexlib.bench.report import print_summary
+    from apexlib.bench.runner import BenchmarkSettings, load_workload, write_results
+    from apexlib.bench.serve_client import run_serve_benchmark
+
+    if not args.base_url:
+        raise SystemExit("apex bench serve: give --base-url (e.g. http://127.0.0.1:8000)")
+    if not args.model:
+        raise SystemExit("apex bench serve: give --model, the checkpoint the server runs (its vocabulary)")
+    results = []
+    for workload_name in args.workload:
+        for rate in args.rate or [None]:
+            offline = rate is not None and rate <= 0
+            workload = load_workload(workload_name, num_requests=args.num_requests,
+                                     rate=None if offline else rate, arrival=args.arrival, seed=args.seed)
+            settings = BenchmarkSettings(model=args.model, policy=args.policy, device=args.device, dtype=args.dtype,
+                                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                                         max_model_len=args.max_model_len, token_seed=args.token_seed,
+                                         warmup_requests=args.warmup)
+            results.append(run_serve_benchmark(args.base_url, workload, settings,
+                                               mode="offline" if offline else args.mode,
+                                               experiment=args.experiment, engine=args.engine_label,
+                                               served_model=args.served_model_name,
+                                               max_concurrency=args.max_concurrency))
+    experiment = args.experiment or (results[0].experiment if len(results) == 1 else
+                                     "bench-serve-" + results[0].provenance["date_utc"][:19].replace(":", ""))
+    directory = write_results(results, args.out, experiment)
+    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
+                  title=f"apex bench serve: {experiment}")
+    sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
+    return 0
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
@@ -287,8 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--engine/--workload/--rate/--num-gpu-blocks), prints a summary table and writes tidy rows "
                     "to OUT/EXPERIMENT/. `apex bench cpu-attention ...` runs the CPU attention benchmark with "
                     "its own options.")
-    bench.add_argument("target", nargs="?", default=None, choices=["engine", "cpu-attention"],
-                       help="which benchmark (default: engine)")
+    bench.add_argument("target", nargs="?", default=None, choices=["engine", "serve", "cpu-attention"],
+                       help="which benchmark (default: engine; serve: a running OpenAI-compatible server over "
+                            "HTTP, `apex serve` or `vllm serve`)")
+    bench.add_argument("--base-url", default=None, help="serve: the server, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--served-model-name", default=None, help="serve: 'model' to send (default: the first "
+                                                                   "the server lists)")
+    bench.add_argument("--engine-label", default=None, help="serve: engine column (default: the server's owned_by)")
+    bench.add_argument("--max-concurrency", type=int, default=None, help="serve: at most this many requests in "
+                                                                         "flight (default: unbounded)")
     bench.add_argument("--model", default=None,
                        help="checkpoint directory (default: the embedded tiny 'demo' checkpoint)")
     bench.add_argument("--policy", default="gpu_only")

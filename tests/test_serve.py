@@ -268,3 +268,35 @@ def test_apex_serve_reports_bad_arguments(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_serve_measures_through_http(server, tmp_path):
+    from apexlib.bench.runner import BenchmarkSettings, load_workload, write_results
+    from apexlib.bench.serve_client import run_serve_benchmark
+
+    workload = load_workload("tiny-smoke", num_requests=6, rate=20.0, seed=1)
+    settings = BenchmarkSettings(model=server.engine.config.model.path, warmup_requests=1)
+    result = run_serve_benchmark(f"{server.url}/v1", workload, settings, experiment="serve-test")
+    assert result.provenance["executor"] == "http" and result.provenance["engine"] == "apexlib-serve"
+    assert result.provenance["num_gpu_blocks"] == 96 and result.provenance["arrival"] == "poisson"
+    summary = result.summary
+    assert summary.completed == 6 and summary.ttft.count == 6 and summary.itl.count > 0
+    assert 0 < summary.ttft.median <= summary.e2e_latency.median
+    for record, request in zip(result.records, workload.requests, strict=True):
+        assert len(record.output_token_ids) == request.output_len == len(record.token_times)
+    directory = write_results([result], tmp_path, "serve-test")
+    assert (directory / "rows.csv").is_file()
+    server.wait_idle()
+
+
+def test_return_token_ids_matches_text(server):
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        body = {"prompt": "Once upon a time", "max_tokens": 10, "temperature": 0, "return_token_ids": True}
+        full = http.post("/v1/completions", json=body).json()["choices"][0]
+        ids = []
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    ids.extend(json.loads(line[6:])["choices"][0]["token_ids"])
+    assert ids == full["token_ids"] and len(ids) == 10
+    assert server.engine.tokenizer.decode(ids, skip_special_tokens=True) == full["text"]

@@ -77,6 +77,7 @@ class _Choice:
     stop: StopStringMatcher
     num_tokens: int = 0
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
 
@@ -102,6 +103,12 @@ class OpenAIServer:
         # A request lives wholly in one tier; gpu_only never uses the CPU tier.
         self.max_request_blocks = (cache.num_gpu_blocks if self.config.scheduler.policy == "gpu_only"
                                    else max(cache.num_gpu_blocks, cache.num_cpu_blocks))
+        self.engine_config = {
+            "device": self.config.device, "dtype": self.config.dtype, "block_size": cache.block_size,
+            "num_gpu_blocks": cache.num_gpu_blocks, "num_cpu_blocks": cache.num_cpu_blocks,
+            "max_num_seqs": self.config.scheduler.max_num_seqs,
+            "max_num_batched_tokens": self.config.scheduler.max_num_batched_tokens,
+            "max_model_len": self.max_model_len, "policy": self.config.scheduler.policy}
         self.metrics = ServerMetrics(loop)
         loop.on_finished = self.metrics.observe_finished
 
@@ -198,8 +205,9 @@ class OpenAIServer:
                 self.loop.abort(choice.request_id)
                 choice.finish_reason = "abort"
 
-    async def events(self, choices: list[_Choice], output: asyncio.Queue) -> AsyncIterator[tuple[_Choice, str]]:
-        """(choice, new text) as tokens arrive; a choice is done when its ``finish_reason`` is set.
+    async def events(self, choices: list[_Choice],
+                     output: asyncio.Queue) -> AsyncIterator[tuple[_Choice, str, tuple[int, ...]]]:
+        """(choice, new text, new token ids) as tokens arrive; a choice is done when its ``finish_reason`` is set.
         Raises _RequestFailed when a request failed (the others are aborted by the caller)."""
         remaining = len(choices)
         while remaining:
@@ -210,8 +218,8 @@ class OpenAIServer:
             text = self._advance(choice, delta)
             if choice.finish_reason is not None:
                 remaining -= 1
-            if text or choice.finish_reason is not None:
-                yield choice, text
+            if text or delta.token_ids or choice.finish_reason is not None:
+                yield choice, text, delta.token_ids
 
     def _advance(self, choice: _Choice, delta: Delta) -> str:
         if delta.finished and delta.finish_reason in ("error", "abort"):
@@ -220,6 +228,7 @@ class OpenAIServer:
             raise _RequestFailed(ApiError(500, f"request {choice.request_id} failed: {delta.error or 'aborted'}",
                                           None, "internal_error"))
         choice.num_tokens += len(delta.token_ids)
+        choice.token_ids.extend(delta.token_ids)
         text, stopped = choice.stop.push(choice.detok.push(delta.token_ids))
         if not stopped and delta.finished:
             more, stopped = choice.stop.push(choice.detok.flush())
@@ -291,7 +300,8 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
     async def models() -> JSONResponse:
         return JSONResponse({"object": "list", "data": [
             {"id": name, "object": "model", "created": settings.created, "owned_by": "apexlib",
-             "root": server.config.model.path, "max_model_len": server.max_model_len}
+             "root": server.config.model.path, "max_model_len": server.max_model_len,
+             "engine_config": server.engine_config}
             for name in settings.served_model_names]})
 
     @app.get("/metrics")
@@ -360,6 +370,9 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
             body_choices = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
                             for c in choices]
             obj = "text_completion"
+        if parsed.return_token_ids:
+            for body_choice, choice in zip(body_choices, choices, strict=True):
+                body_choice["token_ids"] = choice.token_ids
         return JSONResponse({"id": response_id, "object": obj, "created": created, "model": model,
                              "choices": body_choices, "usage": _usage(choices)})
 
@@ -372,7 +385,8 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if parsed.include_usage else {}
 
-        def chunk(choice: _Choice, text: str | None, finish_reason: str | None, role: bool = False) -> bytes:
+        def chunk(choice: _Choice, text: str | None, finish_reason: str | None, role: bool = False,
+                  token_ids: tuple[int, ...] = ()) -> bytes:
             if chat:
                 delta: dict[str, Any] = {}
                 if role:
@@ -382,6 +396,8 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
                 body = {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             else:
                 body = {"index": choice.index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            if parsed.return_token_ids:
+                body["token_ids"] = list(token_ids)
             return _sse({"id": response_id, "object": obj, "created": created, "model": model, "choices": [body],
                          **extra})
 
@@ -390,12 +406,12 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
                 for choice in choices:
                     yield chunk(choice, "", None, role=True)
             try:
-                async for choice, text in server.events(choices, output):
-                    if choice.finish_reason is None:
-                        yield chunk(choice, text, None)
-                    else:
-                        if text:
-                            yield chunk(choice, text, None)
+                async for choice, text, token_ids in server.events(choices, output):
+                    # a token whose text is held back (an incomplete character, a possible stop string) is
+                    # announced only to clients that asked for token ids
+                    if text or (token_ids and parsed.return_token_ids):
+                        yield chunk(choice, text, None, token_ids=token_ids)
+                    if choice.finish_reason is not None:
                         yield chunk(choice, None if chat else "", choice.finish_reason)
             except _RequestFailed as failed:
                 server.abort_unfinished(choices)

@@ -72,6 +72,8 @@ class CompletionRequest:
     sampling: SamplingFields
     stream: bool
     include_usage: bool
+    #: vLLM's extension: each choice (each streamed chunk) also carries its new output token ids
+    return_token_ids: bool = False
 
 
 def parse_json(body: bytes) -> dict[str, Any]:
@@ -171,7 +173,7 @@ def _sampling(body: dict, max_tokens_names: tuple[str, ...], default_max_tokens:
                           stop=stop, stop_token_ids=stop_token_ids, ignore_eos=_bool(body, "ignore_eos", False))
 
 
-def _common(body: dict) -> tuple[str | None, bool, bool]:
+def _common(body: dict) -> tuple[str | None, bool, bool, bool]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad("model", f"'model' must be a string, got {_type_name(model)} {model!r}")
@@ -191,7 +193,7 @@ def _common(body: dict) -> tuple[str | None, bool, bool]:
         if not stream:
             raise bad("stream_options", "'stream_options' is only allowed with 'stream': true")
         include_usage = _bool(options, "include_usage", False)
-    return model, stream, include_usage
+    return model, stream, include_usage, _bool(body, "return_token_ids", False)
 
 
 def _token_list(value: list, param: str) -> tuple[int, ...]:
@@ -202,7 +204,7 @@ def _token_list(value: list, param: str) -> tuple[int, ...]:
 
 
 def parse_completion(body: dict) -> CompletionRequest:
-    model, stream, include_usage = _common(body)
+    model, stream, include_usage, token_ids = _common(body)
     if "prompt" not in body or body["prompt"] is None:
         raise bad("prompt", "'prompt' is required")
     prompt = body["prompt"]
@@ -223,11 +225,11 @@ def parse_completion(body: dict) -> CompletionRequest:
             raise bad(name, f"'{name}' is empty; give at least one character or token")
     return CompletionRequest(model=model, prompts=prompts, messages=None,
                              sampling=_sampling(body, ("max_tokens",), 16), stream=stream,
-                             include_usage=include_usage)
+                             include_usage=include_usage, return_token_ids=token_ids)
 
 
 def parse_chat(body: dict) -> CompletionRequest:
-    model, stream, include_usage = _common(body)
+    model, stream, include_usage, token_ids = _common(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", f"'messages' must be a non-empty array of {{role, content}} objects, got "
@@ -256,4 +258,4 @@ def parse_chat(body: dict) -> CompletionRequest:
         parsed.append({"role": role, "content": content})
     return CompletionRequest(model=model, prompts=(), messages=tuple(parsed),
                              sampling=_sampling(body, ("max_completion_tokens", "max_tokens"), None),
-                             stream=stream, include_usage=include_usage)
+                             stream=stream, include_usage=include_usage, return_token_ids=token_ids)
