@@ -31,20 +31,36 @@ class InjectedFault(RuntimeError):
 def test_cpu_worker_fault_fails_touched_requests_with_500_and_server_keeps_serving(tiny_path, monkeypatch):
     live = LiveServer(tiny_path("gqa"), policy="hybrid", cpu_placement="cpu", num_cpu_blocks=96)
     broken = threading.Event()
+    once = threading.Event()
     original = cpu_attention.paged_decode_attention
 
     def faulty(*args, **kwargs):
         if broken.is_set():
             raise InjectedFault("injected fault in paged_decode_attention")
+        if once.is_set():
+            once.clear()
+            raise InjectedFault("injected transient fault")
         return original(*args, **kwargs)
 
     monkeypatch.setattr(cpu_attention, "paged_decode_attention", faulty)
+    step_threads = set()
+    engine_step = live.engine.step
+
+    def recording_step():
+        step_threads.add(threading.get_ident())
+        return engine_step()
+
+    monkeypatch.setattr(live.engine, "step", recording_step)
     body = {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True}
     try:
         with httpx.Client(base_url=live.url, timeout=60) as http:
             healthy = http.post("/v1/completions", json=body)
             assert healthy.status_code == 200 and healthy.json()["usage"]["completion_tokens"] == 12
             assert live.loop.snapshot.engine_stats["cpu_decode_tokens"] >= 11  # it did decode on the CPU worker
+            once.set()  # a transient fault costs one retried iteration, not the request
+            retried = http.post("/v1/completions", json=body)
+            assert retried.status_code == 200 and retried.json()["usage"]["completion_tokens"] == 12
+            assert not once.is_set() and live.loop.snapshot.iteration_errors == 1
             broken.set()
             failed = http.post("/v1/completions", json=body)
             assert failed.status_code == 500
@@ -60,6 +76,7 @@ def test_cpu_worker_fault_fails_touched_requests_with_500_and_server_keeps_servi
             assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 12
             assert http.get("/health").status_code == 200
             metrics = http.get("/metrics").text
+        assert step_threads == {live.loop._thread.ident}  # only the loop thread ever stepped the engine
         assert re.search(r"^apex_request_errors_total [1-9]", metrics, re.M)
         assert re.search(r"^apex_iteration_errors_total [1-9]", metrics, re.M)
         live.wait_idle()
