@@ -1,4 +1,5 @@
-"""The ``apex`` command: generate, tiny, env, bench (engine benchmark, cpu-attention), profile, simulate, gpu-check."""
+"""The ``apex`` command: generate, serve, tiny, env, bench (engine, serve, cpu-attention), profile, simulate,
+gpu-check."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import json
 import logging
 import sys
+
+from apexlib.config import DEFAULT_CPU_JOB_TIMEOUT
 
 logger = logging.getLogger("apexlib.cli")
 
@@ -30,6 +33,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """``apex serve``: the OpenAI-compatible HTTP server (apexlib.serve)."""
+    from apexlib.engine.args import EngineArgs
+    from apexlib.serve.server import serve
+
+    cpus = tuple(int(c) for c in args.cpu_attention_cpus.split(",")) if args.cpu_attention_cpus else None
+    engine_args = EngineArgs(
+        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+        num_gpu_blocks=args.num_gpu_blocks, num_cpu_blocks=args.num_cpu_blocks, gpu_kv_gib=args.gpu_kv_gib,
+        cpu_kv_gib=args.cpu_kv_gib, policy=args.policy, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed,
+        cpu_attention_threads=args.cpu_attention_threads, cpu_attention_cpus=cpus, hybrid_mode=args.hybrid_mode,
+        cpu_placement=args.cpu_placement, attention_backend=args.attention_backend, cost_model=args.cost_model,
+        iteration_time_bound=args.iteration_time_bound, cpu_attention_timeout=args.cpu_attention_timeout)
+    return serve(engine_args, host=args.host, port=args.port,
+                 served_model_names=tuple(args.served_model_name) if args.served_model_name else None,
+                 max_waiting=args.max_waiting, drain_timeout=args.drain_timeout,
+                 iteration_retries=args.iteration_retries, log_level=args.log_level)
+
+
 def _tiny(args: argparse.Namespace) -> int:
     from apexlib.model.tiny import main_tiny
 
@@ -50,9 +74,47 @@ def _bench(args: argparse.Namespace) -> int:
         from apexlib.bench.cpu_attention import main as cpu_attention_main
 
         return cpu_attention_main(args.rest)
+    if args.target == "serve":
+        return _bench_serve(args)
     if args.target not in (None, "engine"):
-        raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, cpu-attention)")
+        raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, serve, cpu-attention)")
     return _bench_engine(args)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    """``apex bench serve --base-url URL --model PATH ...``: a workload over HTTP (streaming), per rate."""
+    from rich.console import Console
+
+    from apexlib.bench.report import print_summary
+    from apexlib.bench.runner import BenchmarkSettings, load_workload, write_results
+    from apexlib.bench.serve_client import run_serve_benchmark
+
+    if not args.base_url:
+        raise SystemExit("apex bench serve: give --base-url (e.g. http://127.0.0.1:8000)")
+    if not args.model:
+        raise SystemExit("apex bench serve: give --model, the checkpoint the server runs (its vocabulary)")
+    results = []
+    for workload_name in args.workload:
+        for rate in args.rate or [None]:
+            offline = rate is not None and rate <= 0
+            workload = load_workload(workload_name, num_requests=args.num_requests,
+                                     rate=None if offline else rate, arrival=args.arrival, seed=args.seed)
+            settings = BenchmarkSettings(model=args.model, policy=args.policy, device=args.device, dtype=args.dtype,
+                                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                                         max_model_len=args.max_model_len, token_seed=args.token_seed,
+                                         warmup_requests=args.warmup)
+            results.append(run_serve_benchmark(args.base_url, workload, settings,
+                                               mode="offline" if offline else args.mode,
+                                               experiment=args.experiment, engine=args.engine_label,
+                                               served_model=args.served_model_name,
+                                               max_concurrency=args.max_concurrency))
+    experiment = args.experiment or (results[0].experiment if len(results) == 1 else
+                                     "bench-serve-" + results[0].provenance["date_utc"][:19].replace(":", ""))
+    directory = write_results(results, args.out, experiment)
+    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
+                  title=f"apex bench serve: {experiment}")
+    sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
+    return 0
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
@@ -290,8 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "--engine/--workload/--rate/--num-gpu-blocks), prints a summary table and writes tidy rows "
                     "to OUT/EXPERIMENT/. `apex bench cpu-attention ...` runs the CPU attention benchmark with "
                     "its own options.")
-    bench.add_argument("target", nargs="?", default=None, choices=["engine", "cpu-attention"],
-                       help="which benchmark (default: engine)")
+    bench.add_argument("target", nargs="?", default=None, choices=["engine", "serve", "cpu-attention"],
+                       help="which benchmark (default: engine; serve: a running OpenAI-compatible server over "
+                            "HTTP, `apex serve` or `vllm serve`)")
+    bench.add_argument("--base-url", default=None, help="serve: the server, e.g. http://127.0.0.1:8000")
+    bench.add_argument("--served-model-name", default=None, help="serve: 'model' to send (default: the first "
+                                                                   "the server lists)")
+    bench.add_argument("--engine-label", default=None, help="serve: engine column (default: the server's owned_by)")
+    bench.add_argument("--max-concurrency", type=int, default=None, help="serve: at most this many requests in "
+                                                                         "flight (default: unbounded)")
     bench.add_argument("--model", default=None,
                        help="checkpoint directory (default: the embedded tiny 'demo' checkpoint)")
     bench.add_argument("--policy", default="gpu_only")
@@ -328,6 +397,48 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--experiment", default=None, help="results subfolder name (default: derived from the run)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(handler=_bench, rest=[])
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)",
+        description="Serves POST /v1/completions, POST /v1/chat/completions (streaming with SSE), GET /v1/models, "
+                    "GET /health and GET /metrics (Prometheus) over one engine owned by a background thread. "
+                    "SIGTERM drains the requests in flight (--drain-timeout) and exits 0.")
+    serve.add_argument("--model", required=True, help="checkpoint directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
+    serve.add_argument("--served-model-name", nargs="+", default=None,
+                       help="name(s) clients use as 'model' (default: the --model path)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="requests accepted but not yet running beyond which new ones get 503 + Retry-After")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds a SIGTERM waits for the requests in flight")
+    serve.add_argument("--iteration-retries", type=int, default=1,
+                       help="failed engine iterations retried before the requests they touched are failed")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (info: access log)")
+    serve.add_argument("--policy", default="gpu_only", help="gpu_only, hybrid, neo, apex")
+    serve.add_argument("--cost-model", default=None,
+                       help="neo/apex: a profile JSON, 'roofline:<hardware>' or 'zero'")
+    serve.add_argument("--iteration-time-bound", type=float, default=None, help="apex: TPOT bound in seconds")
+    serve.add_argument("--hybrid-mode", default="async_overlap", help="async_overlap or asymmetric_pipeline")
+    serve.add_argument("--cpu-placement", default="overflow", help="overflow or cpu")
+    serve.add_argument("--dtype", default="auto")
+    serve.add_argument("--device", default="auto")
+    serve.add_argument("--block-size", type=int, default=16)
+    serve.add_argument("--num-gpu-blocks", type=int, default=None)
+    serve.add_argument("--num-cpu-blocks", type=int, default=None)
+    serve.add_argument("--gpu-kv-gib", type=float, default=None)
+    serve.add_argument("--cpu-kv-gib", type=float, default=None)
+    serve.add_argument("--max-model-len", type=int, default=None)
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument("--no-chunked-prefill", action="store_true")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--cpu-attention-threads", type=int, default=None)
+    serve.add_argument("--cpu-attention-cpus", default=None, help="comma-separated CPU ids of the CPU-attention worker")
+    serve.add_argument("--cpu-attention-timeout", type=float, default=DEFAULT_CPU_JOB_TIMEOUT)
+    serve.add_argument("--attention-backend", default="auto")
+    serve.set_defaults(handler=_serve)
 
     profile = commands.add_parser(
         "profile", help="measure every subtask of an iteration on this hardware -> data/profiles/NAME.json",

@@ -1,0 +1,72 @@
+"""Running the server: engine -> loop -> app -> uvicorn on a bound socket, with a graceful SIGTERM.
+
+On SIGTERM or SIGINT uvicorn stops accepting connections and waits up to ``drain_timeout`` seconds for
+the requests in flight, which the engine loop keeps serving; then the loop aborts whatever is left and
+stops, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from apexlib.engine.args import EngineArgs
+
+logger = logging.getLogger(__name__)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {error}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def make_app(engine_args: EngineArgs, served_model_names: tuple[str, ...] | None = None,
+             iteration_retries: int = 1, **settings: Any):
+    """(app, loop) for ``engine_args``: the engine is built here (it loads the weights)."""
+    from apexlib.engine.engine import LLMEngine
+    from apexlib.serve.app import ServeSettings, build_app
+    from apexlib.serve.loop import EngineLoop
+
+    serve_settings = ServeSettings(served_model_names=tuple(served_model_names or (engine_args.model,)), **settings)
+    engine = LLMEngine(engine_args)
+    loop = EngineLoop(engine, iteration_retries=iteration_retries)
+    return build_app(loop, serve_settings), loop
+
+
+def serve(engine_args: EngineArgs, host: str = "127.0.0.1", port: int = 8000,
+          served_model_names: tuple[str, ...] | None = None, max_waiting: int = 256, drain_timeout: float = 30.0,
+          iteration_retries: int = 1, log_level: str = "warning") -> int:
+    import uvicorn
+
+    sock = bind_socket(host, port)
+    app, loop = make_app(engine_args, served_model_names, iteration_retries=iteration_retries,
+                         max_waiting=max_waiting, drain_timeout=drain_timeout)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(1, int(drain_timeout)),
+                            access_log=log_level in ("info", "debug"))
+    server = uvicorn.Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers in place
+    # that is a no-op and the process exits 0 after draining.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: None)
+    bound_host, bound_port = sock.getsockname()[:2]
+    sys.stderr.write(f"apex serve: {', '.join(app.state.server.settings.served_model_names)} on "
+                     f"http://{bound_host}:{bound_port} (OpenAI API under /v1)\n")
+    sys.stderr.flush()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        loop.stop(timeout=drain_timeout)
+        loop.engine.close()
+        sock.close()
+    return 0 if loop.fatal_error is None else 1
