@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from apexlib.config import DEFAULT_CPU_JOB_TIMEOUT
 
@@ -83,10 +84,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _bench_serve(args: argparse.Namespace) -> int:
     """``apex bench serve --base-url URL --model PATH ...``: a workload over HTTP (streaming), per rate."""
-    from rich.console import Console
 
-    from apexlib.bench.report import print_summary
-    from apexlib.bench.runner import BenchmarkSettings, load_workload, write_results
+    from apexlib.bench.runner import BenchmarkSettings, load_workload
     from apexlib.bench.serve_client import run_serve_benchmark
 
     if not args.base_url:
@@ -108,13 +107,25 @@ def _bench_serve(args: argparse.Namespace) -> int:
                                                experiment=args.experiment, engine=args.engine_label,
                                                served_model=args.served_model_name,
                                                max_concurrency=args.max_concurrency))
-    experiment = args.experiment or (results[0].experiment if len(results) == 1 else
-                                     "bench-serve-" + results[0].provenance["date_utc"][:19].replace(":", ""))
-    directory = write_results(results, args.out, experiment)
-    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
-                  title=f"apex bench serve: {experiment}")
-    sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
+    _write_and_summarise(results, args, "bench-serve-", "apex bench serve")
     return 0
+
+
+def _write_and_summarise(results: list, args: argparse.Namespace, grid_prefix: str, title: str) -> Path:
+    """Write the rows of ``results`` under ``--out``/``--experiment`` (a grid gets a dated name), print the
+    summary table (wide when not a terminal) and the rows path; return the results directory."""
+    from rich.console import Console
+
+    from apexlib.bench.report import print_summary
+    from apexlib.bench.runner import write_results
+
+    experiment = args.experiment or (results[0].experiment if len(results) == 1 else
+                                     grid_prefix + results[0].provenance["date_utc"][:19].replace(":", ""))
+    directory = write_results(results, args.out, experiment)
+    # a pipe or a log gets a wide table instead of rich's 80 columns
+    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160), title=f"{title}: {experiment}")
+    sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
+    return directory
 
 
 def _bench_engine(args: argparse.Namespace) -> int:
@@ -123,13 +134,11 @@ def _bench_engine(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from apexlib.bench.report import print_summary
     from apexlib.bench.runner import (
         BenchmarkSettings,
         default_model_path,
         load_workload,
         run_benchmark,
-        write_results,
     )
 
     err = Console(stderr=True)
@@ -166,13 +175,7 @@ def _bench_engine(args: argparse.Namespace) -> int:
     if not results:
         err.print("[red]nothing ran[/]")
         return 3
-    experiment = args.experiment or (results[0].experiment if len(results) == 1 else
-                                     "bench-grid-" + results[0].provenance["date_utc"][:19].replace(":", ""))
-    directory = write_results(results, args.out, experiment)
-    # a pipe or a log gets a wide table instead of rich's 80 columns
-    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
-                  title=f"apex bench: {experiment}")
-    sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
+    _write_and_summarise(results, args, "bench-grid-", "apex bench")
     return 0
 
 
