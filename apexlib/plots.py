@@ -225,7 +225,7 @@ def prediction_error(frame: pd.DataFrame, *, title: str, caption: str, x: str = 
 def paper_comparison(frame: pd.DataFrame, *, title: str, caption: str) -> plt.Figure:
     """Our gain range (``ours_min`` .. ``ours``) next to the paper's reported range (``paper_low`` ..
     ``paper_high``) per setting."""
-    fig, axis = plt.subplots(figsize=(6.5, 3.6))
+    fig, axis = plt.subplots(figsize=(10.0, 4.4))
     positions = range(len(frame))
     low = frame["ours_min"] if "ours_min" in frame else 0.0
     axis.bar(positions, frame["ours"] - low, bottom=low, color="tab:blue", alpha=0.8,
@@ -237,7 +237,7 @@ def paper_comparison(frame: pd.DataFrame, *, title: str, caption: str) -> plt.Fi
     axis.errorbar(positions, (frame["paper_low"] + frame["paper_high"]) / 2,
                   yerr=(frame["paper_high"] - frame["paper_low"]) / 2, fmt="o", color="black",
                   capsize=4, label="paper (reported range)")
-    axis.set_xticks(list(positions), frame["setting"], rotation=20, ha="right", fontsize=8)
+    axis.set_xticks(list(positions), frame["setting"], rotation=25, ha="right", fontsize=7)
     axis.set_ylabel("throughput gain (%)")
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _finish(fig, title, caption)
