@@ -123,16 +123,21 @@ class _ProfiledPolicy(Policy):
         return self.cost_model.transfer(to_cpu, "d2h") + self.cost_model.transfer(total - to_cpu, "h2d")
 
 
+    def _neo_plan(self, candidate: IterationCandidate) -> tuple[float, IterationDecision]:
+        """NEO's choice and its rate: the slack-rule pipeline when it beats GPU-only, else GPU-only."""
+        best = self._gpu_only(candidate)
+        if candidate.cpu_decodes:
+            pipelined = self._pipelined(candidate)
+            if pipelined is not None and pipelined[0] > best[0]:
+                best = pipelined
+        return best
+
+
 class NeoPolicy(_ProfiledPolicy):
     name = "neo"
 
     def decide(self, candidate: IterationCandidate) -> IterationDecision:
-        best_rate, best = self._gpu_only(candidate)
-        if candidate.cpu_decodes:
-            pipelined = self._pipelined(candidate)
-            if pipelined is not None and pipelined[0] > best_rate:
-                best = pipelined[1]
-        return best
+        return self._neo_plan(candidate)[1]
 
 
 DEFAULT_MAX_STALL_ITERATIONS = 32
@@ -200,14 +205,9 @@ class ApexPolicy(_ProfiledPolicy):
         self.max_stall_iterations = max_stall_iterations
 
     def decide(self, candidate: IterationCandidate) -> IterationDecision:
-        gpu_rate, gpu_only = self._gpu_only(candidate)
         if not candidate.cpu_decodes:
-            return gpu_only
-        reference: tuple[float, IterationDecision] = (gpu_rate, gpu_only)
-        if self.enable_pipeline:
-            pipelined = self._pipelined(candidate)
-            if pipelined is not None and pipelined[0] > gpu_rate:
-                reference = pipelined
+            return self._gpu_only(candidate)[1]
+        reference = self._neo_plan(candidate) if self.enable_pipeline else self._gpu_only(candidate)
         reference_ids = {s.request_id for s in reference[1].cpu_decodes}
         overdue = sorted(((candidate.stalls_of(i), -i, s) for i, s in enumerate(candidate.cpu_decodes)
                           if candidate.stalls_of(i) >= self.max_stall_iterations

@@ -823,12 +823,13 @@ def predict_iteration(cost_model: CostModel, shape: IterationShape) -> Predicted
     cpu_attention *= adjustment.cpu_slowdown
     linear = adjustment.device_slowdown * cost_model.linear(tokens, 0)
     gpu_attention *= adjustment.device_slowdown
-    jobs = layers * adjustment.per_job_seconds
-    longer, shorter = sorted((gpu_attention, cpu_attention + copies), reverse=True)
-    forward = linear + jobs + longer + adjustment.serial_fraction * shorter
     if shape.cpu_runtime is CpuRuntime.INLINE:  # one blocking thread: nothing overlaps the CPU job
         jobs = layers * cost_model.inline_launch_seconds
         forward = linear + jobs + gpu_attention + cpu_attention + copies
+    else:
+        jobs = layers * adjustment.per_job_seconds
+        longer, shorter = sorted((gpu_attention, cpu_attention + copies), reverse=True)
+        forward = linear + jobs + longer + adjustment.serial_fraction * shorter
     return PredictedTimes(linear=linear + sample, gpu_attention=gpu_attention, cpu_attention=cpu_attention,
                           transfer=copies + swaps, overhead=overhead + jobs,
                           total=swaps + forward + sample + overhead)
