@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from apexlib.config import EngineConfig
-from apexlib.request import RequestOutput, SamplingParams
+from apexlib.core.config import EngineConfig
+from apexlib.core.request import RequestOutput, SamplingParams
 
 __version__ = "0.1.0"
 __all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams", "__version__"]

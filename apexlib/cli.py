@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from apexlib.config import DEFAULT_CPU_JOB_TIMEOUT
+from apexlib.core.config import DEFAULT_CPU_JOB_TIMEOUT
 
 logger = logging.getLogger("apexlib.cli")
 
@@ -117,7 +117,7 @@ def _write_and_summarise(results: list, args: argparse.Namespace, grid_prefix: s
     from rich.console import Console
 
     from apexlib.bench.report import print_summary
-    from apexlib.bench.runner import write_results
+    from apexlib.core.results import write_results
 
     experiment = args.experiment or (results[0].experiment if len(results) == 1 else
                                      grid_prefix + results[0].provenance["date_utc"][:19].replace(":", ""))
@@ -184,7 +184,7 @@ def _profile(args: argparse.Namespace) -> int:
     import shlex
     from pathlib import Path
 
-    from apexlib.profiling.cost_model import TableCostModel
+    from apexlib.costs import TableCostModel
     from apexlib.profiling.profiler import (
         ProfileSettings,
         check_profile,
@@ -195,7 +195,7 @@ def _profile(args: argparse.Namespace) -> int:
     )
 
     if args.datasheet:
-        from apexlib.profiling.cost_model import write_datasheet_profiles
+        from apexlib.costs import write_datasheet_profiles
 
         for path in write_datasheet_profiles(args.out or "data/profiles"):
             sys.stdout.write(f"{path}\n")
@@ -236,11 +236,13 @@ def _simulate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from apexlib.bench.report import print_summary
-    from apexlib.bench.runner import load_workload, write_results
-    from apexlib.profiling.cost_model import ModelShape, RooflineCostModel, TableCostModel, load_cost_model
-    from apexlib.sim.simulator import resolve_model, simulate
+    from apexlib.bench.runner import load_workload
+    from apexlib.core.models import resolve_model_config
+    from apexlib.core.results import write_results
+    from apexlib.costs import ModelShape, RooflineCostModel, TableCostModel, load_cost_model
+    from apexlib.sim.simulator import simulate
 
-    model_config = resolve_model(args.model)
+    model_config = resolve_model_config(args.model)
     if (args.hardware is None) == (args.profile is None):
         raise ValueError("give exactly one of --hardware NAME (a roofline of a datasheet spec) or --profile PATH")
     dtype = args.dtype if args.dtype != "auto" else model_config.checkpoint_dtype
@@ -254,7 +256,7 @@ def _simulate(args: argparse.Namespace) -> int:
             logger.warning("profile %s was measured on model shape %s, simulating %s", args.profile,
                            cost_model.model_shape, model_config.path)
     else:
-        from apexlib.profiling.hardware import get_hardware
+        from apexlib.costs.hardware import get_hardware
 
         cost_model = RooflineCostModel(get_hardware(args.hardware), ModelShape.from_config(model_config), dtype)
         device_kind = "cpu" if args.hardware == "this-machine" else "cuda"
@@ -368,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint directory (default: the embedded tiny 'demo' checkpoint)")
     bench.add_argument("--policy", default="gpu_only")
     bench.add_argument("--workload", nargs="+", default=["tiny-smoke"],
-                       help="preset name(s) from apexlib.bench.workloads.PRESETS or workload JSONL path(s)")
+                       help="preset name(s) from apexlib.workloads.PRESETS or workload JSONL path(s)")
     bench.add_argument("--num-requests", type=int, default=None, help="override the preset's request count")
     bench.add_argument("--rate", type=float, nargs="+", default=None,
                        help="request rate(s) in req/s (0 = offline); default: the workload's own arrivals")
@@ -477,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/EXPERIMENT/.")
     simulate.add_argument("--policy", nargs="+", default=["gpu_only"], help="policy name(s) (a grid dimension)")
     simulate.add_argument("--workload", nargs="+", default=["tiny-decode-heavy"],
-                          help="preset name(s) from apexlib.bench.workloads.PRESETS or workload JSONL path(s)")
+                          help="preset name(s) from apexlib.workloads.PRESETS or workload JSONL path(s)")
     simulate.add_argument("--model", default="tiny-demo",
                           help="model shape (tiny-demo, llama-2-7b, llama-3.1-8b) or a checkpoint directory")
     simulate.add_argument("--hardware", default=None,

@@ -78,3 +78,17 @@ def environment() -> dict[str, Any]:
             info["gpus"].append({"name": properties.name, "memory_gib": round(properties.total_memory / 1024**3, 2),
                                  "capability": f"{properties.major}.{properties.minor}"})
     return info
+
+
+def provenance_facts() -> dict[str, Any]:
+    """This process's facts for the provenance columns (``apexlib.core.results.ENVIRONMENT_COLUMNS``)."""
+    info = environment()
+    return {
+        "git_commit": info["git_commit"],
+        "apexlib_version": info["apexlib_version"],
+        "gpu_names": ";".join(gpu["name"] for gpu in info["gpus"]) or None,
+        "cpu_model": info["cpu_model"],
+        "cpu_count": info["cpu_affinity"],
+        "torch_version": info["torch"],
+        "cuda_version": info["cuda"],
+    }

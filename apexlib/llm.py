@@ -10,8 +10,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from apexlib.core.request import RequestOutput, SamplingParams
 from apexlib.engine.engine import LLMEngine, PromptType
-from apexlib.request import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 

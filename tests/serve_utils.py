@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+from apexlib.core.plan import Tier
 from apexlib.engine.args import EngineArgs
-from apexlib.kvcache.manager import Tier
 from apexlib.serve.server import bind_socket, make_app
 
 ENGINE = dict(dtype="float32", device="cpu", block_size=8, max_model_len=256, num_gpu_blocks=96)

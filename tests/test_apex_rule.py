@@ -8,11 +8,9 @@ from __future__ import annotations
 import pytest
 from test_policies import MS, SPLIT_CHEAP, LinearCosts, candidate
 
-from apexlib.bench.workloads import get_preset
-from apexlib.engine.plan import CpuRuntime, OverlapMode
-from apexlib.policies.base import IterationCandidate
-from apexlib.policies.profiled import ApexPolicy, NeoPolicy, NeoPublishedPolicy
-from apexlib.profiling.cost_model import (
+from apexlib.core.models import model_config_for_shape
+from apexlib.core.plan import CpuRuntime, OverlapMode
+from apexlib.costs import (
     IterationShape,
     ModelShape,
     datasheet_profile_path,
@@ -20,7 +18,10 @@ from apexlib.profiling.cost_model import (
     load_cost_model,
     predict_iteration,
 )
-from apexlib.sim.simulator import model_config_for_shape, simulate
+from apexlib.policies.base import IterationCandidate
+from apexlib.policies.profiled import ApexPolicy, NeoPolicy, NeoPublishedPolicy
+from apexlib.sim.simulator import simulate
+from apexlib.workloads import get_preset
 
 
 def test_inline_pipeline_is_gpu_bound_when_the_cpu_work_fits():

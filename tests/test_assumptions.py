@@ -7,19 +7,21 @@ import dataclasses
 
 import pytest
 
-from apexlib.bench.metrics import best_within_slo
-from apexlib.bench.workloads import get_preset
-from apexlib.profiling.assumptions import ASSUMPTIONS, SCENARIOS, Assumption, assumption, scenario_cost_model
-from apexlib.profiling.cost_model import (
-    LLAMA2_7B,
+from apexlib.core.metrics import best_within_slo
+from apexlib.core.models import model_config_for_shape
+from apexlib.costs import (
     ModelShape,
     RooflineCostModel,
     datasheet_profile_path,
     load_cost_model,
 )
-from apexlib.profiling.hardware import get_hardware
+from apexlib.costs.assumptions import ASSUMPTIONS, SCENARIOS, Assumption, assumption, scenario_cost_model
+from apexlib.costs.hardware import get_hardware
 from apexlib.sim.batch import SimulationJob, simulate_rows
-from apexlib.sim.simulator import model_config_for_shape, simulate
+from apexlib.sim.simulator import simulate
+from apexlib.workloads import get_preset
+
+LLAMA2_7B = ModelShape.from_config(model_config_for_shape("llama-2-7b"))
 
 
 def test_central_values_are_the_datasheet_profiles():

@@ -10,16 +10,10 @@ import types
 import pandas as pd
 import pytest
 
-from apexlib.bench.runner import (
-    PROVENANCE_COLUMNS,
-    BenchmarkSettings,
-    load_workload,
-    run_benchmark,
-    special_token_ids,
-    write_results,
-)
-from apexlib.bench.workloads import get_preset
+from apexlib.bench.runner import BenchmarkSettings, load_workload, run_benchmark, special_token_ids
 from apexlib.cli import main
+from apexlib.core.results import PROVENANCE_COLUMNS, write_results
+from apexlib.workloads import get_preset
 
 # Provenance columns that must be known on every machine (the GPU / CUDA ones are None on a CPU box).
 ALWAYS_KNOWN = tuple(column for column in PROVENANCE_COLUMNS

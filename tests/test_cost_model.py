@@ -8,11 +8,9 @@ import sys
 
 import pytest
 
-from apexlib.engine.plan import OverlapMode
-from apexlib.profiling.cost_model import (
+from apexlib.core.plan import OverlapMode
+from apexlib.costs import (
     PROFILE_SCHEMA,
-    Curve,
-    Grid,
     HybridAdjustment,
     IterationShape,
     ModelShape,
@@ -22,7 +20,8 @@ from apexlib.profiling.cost_model import (
     pipeline_forward_seconds,
     predict_iteration,
 )
-from apexlib.profiling.hardware import HARDWARE, HardwareSpec, get_hardware
+from apexlib.costs.hardware import HARDWARE, HardwareSpec, get_hardware
+from apexlib.costs.table import Curve, Grid
 
 TOY = ModelShape("toy", hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=2,
                  vocab_size=10)
@@ -206,6 +205,6 @@ def test_hardware_entries_have_sources():
 
 
 def test_cost_model_imports_no_torch():
-    code = ("import sys; import apexlib.profiling.cost_model, apexlib.profiling.hardware; "
+    code = ("import sys; import apexlib.costs, apexlib.costs.hardware; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Datasheet (roofline) profiles under data/profiles: generated from apexlib.profiling.hardware, loaded
+"""Datasheet (roofline) profiles under data/profiles: generated from apexlib.costs.hardware, loaded
 through the same entry point as measured profiles, bad files rejected with the field named."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from apexlib.profiling.cost_model import (
+from apexlib.core.models import model_config_for_shape
+from apexlib.costs import (
     HARDWARE_SCHEMA,
-    LLAMA2_7B,
+    ModelShape,
     RooflineCostModel,
     TableCostModel,
     datasheet_profile,
@@ -18,9 +19,11 @@ from apexlib.profiling.cost_model import (
     load_cost_model,
     write_datasheet_profiles,
 )
-from apexlib.profiling.hardware import HARDWARE, HardwareSpec
+from apexlib.costs.hardware import HARDWARE, HardwareSpec
 
 PROFILES = Path(__file__).resolve().parents[1] / "data" / "profiles"
+
+LLAMA2_7B = ModelShape.from_config(model_config_for_shape("llama-2-7b"))
 
 
 @pytest.mark.parametrize("key", sorted(HARDWARE))

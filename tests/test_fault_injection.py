@@ -17,10 +17,10 @@ import pytest
 
 from apexlib import SamplingParams
 from apexlib.attention import cpu as cpu_attention
-from apexlib.config import ModelConfig
+from apexlib.core.config import ModelConfig
+from apexlib.core.plan import Tier
 from apexlib.engine import LLMEngine
 from apexlib.engine.engine import IterationError
-from apexlib.kvcache.manager import Tier
 from apexlib.runner import model_runner
 
 LENGTHS = [40, 60, 33, 70, 9, 50, 45, 66, 20, 58, 12, 37]

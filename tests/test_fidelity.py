@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 
+from apexlib.bench.fidelity import fidelity
 from apexlib.bench.runner import BenchmarkSettings
-from apexlib.bench.workloads import get_preset
 from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
-from apexlib.sim.simulator import fidelity
+from apexlib.workloads import get_preset
 
 TOLERANCE = 0.10  # relative error of output throughput and mean TPOT, per policy
 POLICIES = ("gpu_only", "neo", "apex")

@@ -58,7 +58,7 @@ def test_streamed_checkpoint_has_the_tiny_writers_tensors(tmp_path, tied):
 
 
 def test_llama_2_7b_shape_and_its_t4_kv_cap():
-    from apexlib.sim.simulator import model_config_for_shape
+    from apexlib.core.models import model_config_for_shape
 
     assert LLAMA_2_7B.to_hf_config()["num_key_value_heads"] == 32
     assert abs(LLAMA_2_7B.num_parameters() - 6_738_415_616) == 0  # Llama-2-7B's parameter count

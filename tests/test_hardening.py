@@ -15,9 +15,9 @@ import torch
 from apexlib import LLM, SamplingParams
 from apexlib.attention import cpu as cpu_attention
 from apexlib.cli import main as cli_main
+from apexlib.core.plan import Tier
 from apexlib.engine import LLMEngine
 from apexlib.engine.engine import IterationError
-from apexlib.kvcache.manager import Tier
 from apexlib.runner.overlap import CpuWorkerTimeout
 
 

@@ -1,4 +1,4 @@
-"""Huge-page host tensors (apexlib.kvcache.host_memory) and their use by the CPU KV tier."""
+"""Huge-page host tensors (apexlib.runner.host_memory) and their use by the CPU KV tier."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import gc
 import pytest
 import torch
 
-from apexlib.kvcache import host_memory
-from apexlib.kvcache.host_memory import HUGE_PAGE_BYTES, host_empty, huge_pages_possible
-from apexlib.kvcache.storage import KVStorage
+from apexlib.runner import host_memory
+from apexlib.runner.host_memory import HUGE_PAGE_BYTES, host_empty, huge_pages_possible
+from apexlib.runner.kv_storage import KVStorage
 
 needs_thp = pytest.mark.skipif(not huge_pages_possible(),
                                reason=f"transparent huge pages not available here (mode: {host_memory.thp_mode()})")

@@ -16,7 +16,7 @@ from conftest import requires_cuda
 
 from apexlib import LLM, SamplingParams
 from apexlib.attention import cpu as cpu_attention
-from apexlib.config import ModelConfig
+from apexlib.core.config import ModelConfig
 from apexlib.runner.overlap import CpuAttentionWorker
 
 MAX_NEW = 32

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from apexlib.core.plan import Tier
 from apexlib.kvcache.block_pool import BlockPool
-from apexlib.kvcache.manager import KVCacheManager, Tier
+from apexlib.kvcache.manager import KVCacheManager
 
 
 def test_block_pool_allocate_free_reuse_order():

@@ -1,4 +1,4 @@
-"""Serving metrics (apexlib.bench.metrics) on hand-computed cases. CPU only, no torch."""
+"""Serving metrics (apexlib.core.metrics) on hand-computed cases. CPU only, no torch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from apexlib.bench.metrics import (
+from apexlib.core.metrics import (
     SLO,
     RequestTiming,
     compute_stats,

@@ -10,8 +10,8 @@ from conftest import requires_cuda
 from transformers import LlamaForCausalLM
 
 from apexlib import LLM, SamplingParams
-from apexlib.config import ModelConfig
-from apexlib.kvcache.manager import Tier
+from apexlib.core.config import ModelConfig
+from apexlib.core.plan import Tier
 from apexlib.model.llama import rope_inverse_frequencies
 from apexlib.model.weights import load_model
 

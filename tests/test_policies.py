@@ -11,12 +11,11 @@ import random
 import pytest
 
 from apexlib import LLM, SamplingParams
-from apexlib.config import ModelConfig
-from apexlib.engine.plan import OverlapMode, ScheduledSequence
-from apexlib.kvcache.manager import Tier
+from apexlib.core.config import ModelConfig
+from apexlib.core.plan import OverlapMode, ScheduledSequence, Tier
+from apexlib.costs import CostModel
 from apexlib.policies.base import IterationCandidate
 from apexlib.policies.profiled import ApexPolicy, NeoPolicy
-from apexlib.profiling.cost_model import CostModel
 
 MS = 1e-3
 

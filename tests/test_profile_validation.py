@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from apexlib.profiling.cost_model import TableCostModel, load_cost_model
-from apexlib.profiling.validate import ProfileError, validate_profile
+from apexlib.costs import TableCostModel, load_cost_model
+from apexlib.costs.validate import ProfileError, validate_profile
 
 PROFILE = Path(__file__).resolve().parents[1] / "data" / "profiles" / "cpu-xeon-spr-tiny-demo.json"
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
+from apexlib.costs import IterationShape, TableCostModel, predict_iteration
 from apexlib.engine.args import EngineArgs
-from apexlib.profiling.cost_model import IterationShape, TableCostModel, predict_iteration
 from apexlib.profiling.profiler import (
     ProfileSettings,
     accuracy_report,

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from apexlib import SamplingParams
+from apexlib.core.plan import Tier
+from apexlib.core.request import RequestStatus
 from apexlib.engine import LLMEngine
-from apexlib.kvcache.manager import Tier
-from apexlib.request import RequestStatus
 
 POLICIES = ("gpu_only", "hybrid", "neo", "apex")
 MAX_MODEL_LEN = 192

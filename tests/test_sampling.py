@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from apexlib import LLM, SamplingParams
-from apexlib.engine.plan import ScheduledSequence
-from apexlib.kvcache.manager import Tier
+from apexlib.core.plan import ScheduledSequence, Tier
 from apexlib.runner.sampler import Sampler
 
 

@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-from apexlib.config import CacheConfig, SchedulerConfig
-from apexlib.engine.plan import RunnerOutput
+from apexlib.core.config import CacheConfig, SchedulerConfig
+from apexlib.core.plan import RunnerOutput, Tier
+from apexlib.core.request import Request, RequestStatus, SamplingParams
 from apexlib.engine.scheduler import Scheduler
-from apexlib.kvcache.manager import Tier
 from apexlib.policies import make_policy
-from apexlib.request import Request, RequestStatus, SamplingParams
 
 EOS = 2
 
@@ -60,7 +59,7 @@ def run_to_completion(scheduler, runner, limit=1000):
 
 def test_control_plane_imports_no_torch():
     code = ("import sys, apexlib, apexlib.engine.scheduler, apexlib.kvcache.manager, apexlib.policies, "
-            "apexlib.engine.plan, apexlib.config; assert 'torch' not in sys.modules, 'torch imported'")
+            "apexlib.core.plan, apexlib.core.config; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -271,8 +271,9 @@ def test_apex_serve_reports_bad_arguments(tmp_path, capsys):
 
 
 def test_bench_serve_measures_through_http(server, tmp_path):
-    from apexlib.bench.runner import BenchmarkSettings, load_workload, write_results
+    from apexlib.bench.runner import BenchmarkSettings, load_workload
     from apexlib.bench.serve_client import run_serve_benchmark
+    from apexlib.core.results import write_results
 
     workload = load_workload("tiny-smoke", num_requests=6, rate=20.0, seed=1)
     settings = BenchmarkSettings(model=server.engine.config.model.path, warmup_requests=1)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from apexlib.bench.workloads import get_preset
-from apexlib.profiling.assumptions import scenario_cost_model
-from apexlib.profiling.cost_model import ModelShape, datasheet_profile_path, load_cost_model
-from apexlib.sim.simulator import model_config_for_shape, simulate
+from apexlib.core.models import model_config_for_shape
+from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
+from apexlib.costs.assumptions import scenario_cost_model
+from apexlib.sim.simulator import simulate
+from apexlib.workloads import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "data" / "sim_golden.json"

@@ -10,10 +10,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from apexlib.bench.workloads import get_preset
-from apexlib.profiling.cost_model import LLAMA2_7B, RooflineCostModel, ZeroCostModel
-from apexlib.profiling.hardware import get_hardware
-from apexlib.sim import model_config_for_shape, simulate
+from apexlib.core.models import model_config_for_shape
+from apexlib.core.models import model_config_for_shape as _shape_config
+from apexlib.costs import ModelShape as _ModelShape
+from apexlib.costs import RooflineCostModel, ZeroCostModel
+from apexlib.costs.hardware import get_hardware
+from apexlib.sim import simulate
+from apexlib.workloads import get_preset
+
+LLAMA2_7B = _ModelShape.from_config(_shape_config("llama-2-7b"))
 
 # Columns the simulator adds to the real runner's rows.
 SIMULATOR_COLUMNS = {"executor", "cost_model", "cost_model_hardware", "cost_model_source"}
@@ -40,10 +45,12 @@ def test_sim_path_imports_no_torch():
     code = (
         "import sys\n"
         "from apexlib.sim import simulate\n"
-        "from apexlib.bench.workloads import get_preset\n"
-        "from apexlib.profiling.cost_model import RooflineCostModel, LLAMA2_7B\n"
-        "from apexlib.profiling.hardware import get_hardware\n"
-        "cost = RooflineCostModel(get_hardware('t4'), LLAMA2_7B, 'float16')\n"
+        "from apexlib.workloads import get_preset\n"
+        "from apexlib.core.models import model_config_for_shape\n"
+        "from apexlib.costs import ModelShape, RooflineCostModel\n"
+        "from apexlib.costs.hardware import get_hardware\n"
+        "shape = ModelShape.from_config(model_config_for_shape('llama-2-7b'))\n"
+        "cost = RooflineCostModel(get_hardware('t4'), shape, 'float16')\n"
         "for policy in ('gpu_only', 'hybrid', 'neo', 'apex'):\n"
         "    simulate(get_preset('t4-decode-heavy', num_requests=6, arrival='offline'), model='llama-2-7b',\n"
         "             policy=policy, cost_model=cost, gpu_kv_gib=0.5, cpu_kv_gib=2.0)\n"

@@ -11,7 +11,7 @@ import pytest
 from apexlib.bench.report import summary_table
 from apexlib.bench.runner import BenchmarkSettings, load_workload, run_benchmark
 from apexlib.bench.vllm_runner import VllmUnavailable, find_vllm_python, run_vllm_benchmark
-from apexlib.bench.workloads import get_preset
+from apexlib.workloads import get_preset
 
 
 def _vllm_python_or_skip():

@@ -1,4 +1,4 @@
-"""Workload generation, presets and the JSONL schema (apexlib.bench.workloads). CPU only, no torch."""
+"""Workload generation, presets and the JSONL schema (apexlib.workloads). CPU only, no torch."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apexlib.bench.workloads import (
+from apexlib.workloads import (
     PRESETS,
     Empirical,
     Fixed,
@@ -42,7 +42,7 @@ def _arrivals(workload: Workload) -> np.ndarray:
 def test_modules_import_no_torch():
     code = (
         "import sys\n"
-        "import apexlib.bench.workloads, apexlib.bench.metrics\n"
+        "import apexlib.workloads, apexlib.core.metrics\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -44,9 +44,10 @@ def notebook(name: str, intro: str, parameters: str, cells: list[tuple[str, str]
     nbf.write(nb, NOTEBOOKS / f"{name}.ipynb")
 
 
-SIM_IMPORTS = '''from apexlib.bench.workloads import get_preset, input_output_grid
-from apexlib.profiling.cost_model import ModelShape, datasheet_profile_path, load_cost_model
-from apexlib.sim.simulator import model_config_for_shape, simulate
+SIM_IMPORTS = '''from apexlib.workloads import get_preset, input_output_grid
+from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
+from apexlib.sim.simulator import simulate
+from apexlib.core.models import model_config_for_shape
 
 
 def roofline(hardware, model):
@@ -164,7 +165,7 @@ overlap, asymmetric pipelining) with subtask timing on, and compares every itera
 with the `TableCostModel`'s prediction from notebook 01's profile. Goal: median error <= 10%, the
 prediction's own time <= 1% of the iteration. Measured on this machine (device=cpu, tiny model) unless
 `model_path` is given.""", 'device = "cpu"\ntiny_preset = "demo"', [
-    ("code", '''from apexlib.profiling.cost_model import TableCostModel
+    ("code", '''from apexlib.costs import TableCostModel
 from apexlib.profiling.profiler import ProfileSettings, check_profile
 
 profile_path = plots.current_profile(quick)
@@ -201,7 +202,7 @@ The paper's main comparison over its workload grid (decode-heavy: short prompts,
 
 * **Simulated** (this machine has no T4/A10): the engine's own scheduler and policies on a virtual
   clock, timed by a roofline cost model of each GPU + host (datasheet bandwidths; efficiency factors
-  documented in `apexlib.profiling.cost_model`). The GPU KV pool is what the GPU has left after the fp16
+  documented in `apexlib.costs`). The GPU KV pool is what the GPU has left after the fp16
   weights; the CPU tier is `cpu_kv_gib`. Every simulated figure says so.
 * **Measured**: the same three policies through the real engine on this machine (device=cpu, the tiny
   demo model, a GPU tier squeezed to force CPU-resident requests), deciding on notebook 01's profile.""",
@@ -215,11 +216,11 @@ num_requests = 100        # per grid point, as NEO's evaluation scripts default 
     ("md", '''## Assumptions and their ranges
 
 The roofline needs numbers nobody has measured on these machines (efficiencies, host DRAM, copy and
-launch costs). Each has a low, central and high value with its reason (`apexlib.profiling.assumptions`);
+launch costs). Each has a low, central and high value with its reason (`apexlib.costs.assumptions`);
 every simulated bar is the central value, and its error bar the range of results between the two
 corners of that box (`offload-adverse`: slow host beside an efficient GPU; `offload-friendly`: the
 opposite).'''),
-    ("code", '''from apexlib.profiling.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
+    ("code", '''from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
 from apexlib.sim.batch import SimulationJob, simulate_rows
 
 display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
@@ -295,7 +296,7 @@ policy serves while its latency holds an SLO, the comparison a serving paper mak
 
 * **SLO**: TPOT p90 <= 1.5 x GPU-only's unloaded TPOT (one request alone on the same machine and model).
 * **Throughput at the SLO**: over the request rates, the highest output throughput whose TPOT p90 meets
-  the SLO (`apexlib.bench.metrics.best_within_slo`).
+  the SLO (`apexlib.core.metrics.best_within_slo`).
 * **APEX (SLO bound)**: APEX with its `iteration_time_bound` derived from the SLO: an iteration may take
   at most the SLO's TPOT, since every running decode waits one iteration per token.
 * Llama-3.1-8B is shown on the A10G only: its fp16 weights (16 GB) do not fit a 16 GB T4.""",
@@ -308,8 +309,8 @@ num_requests = 100
 slo_factor = 1.5
 cpu_kv_gib = 20.0''', [
     ("code", SIM_IMPORTS),
-    ("code", '''from apexlib.bench.metrics import best_within_slo
-from apexlib.profiling.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
+    ("code", '''from apexlib.core.metrics import best_within_slo
+from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
 from apexlib.sim.batch import SimulationJob, simulate_rows
 
 # The assumptions behind these curves: solid lines use the central values, faint ones the two corners
@@ -446,11 +447,11 @@ cpu_decode_counts = [8, 32, 128, 512]''', [
 
 import time
 
-from apexlib.engine.plan import ScheduledSequence
+from apexlib.core.plan import ScheduledSequence
 from apexlib.kvcache.manager import Tier
 from apexlib.policies import ApexPolicy, NeoPolicy
 from apexlib.policies.base import IterationCandidate
-from apexlib.request import SamplingParams'''),
+from apexlib.core.request import SamplingParams'''),
     ("code", '''def decodes(prefix, count, context, tier):
     params = SamplingParams(temperature=0)
     return tuple(ScheduledSequence(request_id=f"{prefix}{i}", token_ids=(5,), start_position=context + i - 1,
@@ -503,7 +504,7 @@ plots.save_figure(fig, "06-scheduler-overhead", figures_dir)'''),
 notebook("07-simulator-fidelity", "# 07 · Simulator fidelity\n\nThe simulated figures are only as good as the simulator. Here the same workload runs through the\nreal engine on this machine (device=cpu, tiny demo model, squeezed GPU tier) and through the\nsimulator, per policy; the table reports the relative error of output throughput and mean TPOT.\nTarget: within 10% (`tests/test_fidelity.py` asserts it on every `make test`).\n\nThe profile is measured here, right before the runs (`fresh_profile`): this VM's speed drifts by\n5-10% over minutes, which would otherwise be counted as simulator error. The drift between this\nprofile and notebook 01's is printed next to the table.", '''policies = ["gpu_only", "neo", "apex"]
 num_requests = 32
 fresh_profile = True     # measure the profile here, right before the runs (False: notebook 01's)''', [
-    ("code", 'import statistics\n\nfrom apexlib.bench.runner import BenchmarkSettings\nfrom apexlib.bench.workloads import get_preset\nfrom apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile\nfrom apexlib.sim.simulator import fidelity\n\nif quick:\n    num_requests = 8\npath = results_dir / "fidelity.csv"\nif run_experiments:\n    profile_path = plots.current_profile(quick)\n    if fresh_profile:\n        fresh = profile_model(ProfileSettings(model=model_path or "demo", quick=quick, progress=False,\n                                              command="notebook 07 (fresh profile)"))\n        reference = json.loads(Path(profile_path).read_text())["tables"]\n        ratios = [a / b for name in ("linear", "sample")\n                  for a, b in zip(fresh["tables"][name]["seconds"], reference[name]["seconds"], strict=False) if b > 0]\n        print(f"drift since notebook 01\'s profile: linear/sample tables x{statistics.median(ratios):.3f} (median)")\n        profile_path = write_profile(fresh, results_dir / "profile.json")\n    workload = get_preset("tiny-decode-heavy", num_requests=num_requests)\n    settings = BenchmarkSettings(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,\n                                 num_cpu_blocks=2048, warmup_requests=2)\n    table = fidelity(workload, settings, profile_path, policies=policies)\n    table.assign(profile=str(profile_path)).to_csv(path, index=False)\ntable = pd.read_csv(path)\ndisplay(table[["policy", "engine_output_throughput", "sim_output_throughput", "error_output_throughput",\n               "engine_tpot_mean_s", "sim_tpot_mean_s", "error_tpot_mean_s", "iteration_error_median",\n               "engine_mode_counts", "load_average_1min"]])'),
+    ("code", 'import statistics\n\nfrom apexlib.bench.runner import BenchmarkSettings\nfrom apexlib.workloads import get_preset\nfrom apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile\nfrom apexlib.sim.simulator import fidelity\n\nif quick:\n    num_requests = 8\npath = results_dir / "fidelity.csv"\nif run_experiments:\n    profile_path = plots.current_profile(quick)\n    if fresh_profile:\n        fresh = profile_model(ProfileSettings(model=model_path or "demo", quick=quick, progress=False,\n                                              command="notebook 07 (fresh profile)"))\n        reference = json.loads(Path(profile_path).read_text())["tables"]\n        ratios = [a / b for name in ("linear", "sample")\n                  for a, b in zip(fresh["tables"][name]["seconds"], reference[name]["seconds"], strict=False) if b > 0]\n        print(f"drift since notebook 01\'s profile: linear/sample tables x{statistics.median(ratios):.3f} (median)")\n        profile_path = write_profile(fresh, results_dir / "profile.json")\n    workload = get_preset("tiny-decode-heavy", num_requests=num_requests)\n    settings = BenchmarkSettings(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,\n                                 num_cpu_blocks=2048, warmup_requests=2)\n    table = fidelity(workload, settings, profile_path, policies=policies)\n    table.assign(profile=str(profile_path)).to_csv(path, index=False)\ntable = pd.read_csv(path)\ndisplay(table[["policy", "engine_output_throughput", "sim_output_throughput", "error_output_throughput",\n               "engine_tpot_mean_s", "sim_tpot_mean_s", "error_tpot_mean_s", "iteration_error_median",\n               "engine_mode_counts", "load_average_1min"]])'),
     ("code", 'error_columns = {"error_output_throughput": "output throughput", "error_tpot_mean_s": "mean TPOT"}\nlong = table.melt(id_vars=["policy"], value_vars=list(error_columns), var_name="metric", value_name="relative_error")\nlong["metric"] = long["metric"].map(error_columns)\nimport matplotlib.pyplot as plt\nimport seaborn as sns\n\nfig, axis = plt.subplots(figsize=(6, 3.4))\nsns.barplot(data=long, x="policy", y="relative_error", hue="metric", ax=axis)\naxis.axhline(0.1, color="grey", linestyle="--", linewidth=0.8)\naxis.axhline(-0.1, color="grey", linestyle="--", linewidth=0.8)\naxis.set_ylabel("(simulated - measured) / measured")\ncaption = plots.provenance_caption(executor="engine", source="this machine (device=cpu) vs the simulator "\n                                   f"with the profile {Path(table[\'profile\'].iloc[0]).name} measured before the runs",\n                                   model="tiny demo", workload=f"tiny-decode-heavy, {num_requests} requests")\nfig = plots._finish(fig, "Simulator vs real engine", caption)\nplots.save_figure(fig, "07-simulator-fidelity", figures_dir)'),
 ])
 
@@ -519,7 +520,7 @@ code runs (its scheduler's slack rule with its 0.8 ms per-stage launch charge, a
 blocking call on the thread that launches GPU kernels), the baseline the paper measured; **NEO policy on
 apexlib's runtime** is NEO's decision rule on our two-thread runtime. APEX's gain over the first includes
 the runtime; over the second it is the scheduling rule alone.""", "", [
-    ("code", '''from apexlib.profiling.assumptions import assumptions_table
+    ("code", '''from apexlib.costs.assumptions import assumptions_table
 
 # The assumptions behind our gains, with the range their error bars span
 display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])

@@ -44,7 +44,7 @@ same run, batch 8-32, context 1k-4k, 16-token blocks unless said; the JSON files
   (~18.6 with one). A single core is concurrency bound (line-fill buffers), so every core must keep
   its misses in flight while it computes. Until 2026-11-25 the reference was the wide-load loop on
   4 KiB pages (~29-31 GB/s), which flattered the ratios by ~11-17%;
-* the KV pool on 2 MiB pages (:mod:`apexlib.kvcache.host_memory`, as the engine's CPU tier):
+* the KV pool on 2 MiB pages (:mod:`apexlib.runner.host_memory`, as the engine's CPU tier):
   kernel +8-10% (page walks of scattered blocks sat in front of the prefetches);
 * the machine's ceiling for this layout, measured in the same run by ``arith_stream_pass`` (every
   K/V element read once in the kernel's order, widened, G fp32 FMAs, prefetched like the kernel):

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 
 from apexlib.bench.vllm_attention_peer import PeerError, open_peer
-from apexlib.kvcache.host_memory import anon_huge_bytes, host_empty, thp_mode
+from apexlib.runner.host_memory import anon_huge_bytes, host_empty, thp_mode
 
 log = logging.getLogger(__name__)
 

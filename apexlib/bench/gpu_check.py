@@ -372,10 +372,10 @@ def t4_gpu_kv_gib(model_config: Any, weight_bytes: int, max_num_batched_tokens: 
 
     The engine's own rule (``EngineArgs.create_engine_config``): (device memory - weights - activation
     reserve) x ``DEVICE_MEMORY_UTILIZATION``, with the T4's memory from its datasheet entry
-    (``apexlib.profiling.hardware``); the same rule the simulator applies to a T4 roofline.
+    (``apexlib.costs.hardware``); the same rule the simulator applies to a T4 roofline.
     """
+    from apexlib.costs.hardware import get_hardware
     from apexlib.engine.args import DEVICE_MEMORY_UTILIZATION, activation_reserve_bytes
-    from apexlib.profiling.hardware import get_hardware
 
     t4 = get_hardware("t4")
     reserve = activation_reserve_bytes(model_config, max_num_batched_tokens)
@@ -392,7 +392,7 @@ def t4_gpu_kv_gib(model_config: Any, weight_bytes: int, max_num_batched_tokens: 
 
 def make_plan(size: CheckSize, model_path: Path, num_requests: int | None = None, block_size: int = 16) -> dict[str, Any]:
     """The workload, the GPU KV cap and the CPU KV budget of the benchmark runs (plain JSON)."""
-    from apexlib.config import ModelConfig
+    from apexlib.core.config import ModelConfig
 
     model_config = ModelConfig.from_pretrained(model_path)
     workload = plan_workload(size, num_requests)
@@ -425,7 +425,7 @@ def make_plan(size: CheckSize, model_path: Path, num_requests: int | None = None
 
 
 def plan_workload(size: CheckSize, num_requests: int | None = None):
-    from apexlib.bench.workloads import get_preset
+    from apexlib.workloads import get_preset
 
     return get_preset(WORKLOAD_PRESET, num_requests=num_requests or size.num_requests, arrival="offline",
                       prompt_low=size.prompt_range[0], prompt_high=size.prompt_range[1],
@@ -445,8 +445,8 @@ def run_profile(size: CheckSize, device: str, model_path: Path, out_dir: Path, c
 def run_policy(policy: str, device: str, plan: Mapping[str, Any], profile_path: Path,
                results: list[Any], num_requests: int | None = None) -> dict[str, Any]:
     """One policy through the engine and the simulator (``fidelity``); returns its comparison row."""
+    from apexlib.bench.fidelity import fidelity
     from apexlib.bench.runner import BenchmarkSettings
-    from apexlib.sim.simulator import fidelity
 
     size = SIZES[plan["size"]]
     settings = BenchmarkSettings(
@@ -641,7 +641,7 @@ def run_gpu_check(*, device: str = "cuda", size: str = "llama-2-7b", out_dir: st
     results: list[Any] = []
     for policy in POLICIES:
         def bench(policy: str = policy) -> str:
-            from apexlib.bench.runner import write_results
+            from apexlib.core.results import write_results
 
             row = run_policy(policy, device, report.plan, state["profile"], results, num_requests)
             report.comparison.append(row)

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from apexlib.bench.runner import BenchmarkResult
+from apexlib.core.results import BenchmarkResult
 
 __all__ = ["print_summary", "summary_table"]
 

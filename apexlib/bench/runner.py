@@ -12,8 +12,8 @@ One *run* is (engine settings x policy) x workload x arrival mode:
 Prompts are token ids from :meth:`Workload.with_token_ids` (the checkpoint's special ids excluded) and
 every request uses ``SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)``, so the
 output lengths are exactly the workload's. Each completed request becomes a
-:class:`~apexlib.bench.metrics.RequestTiming` (times in seconds since the run's start) and the run a
-:class:`~apexlib.bench.metrics.BenchmarkSummary`.
+:class:`~apexlib.core.metrics.RequestTiming` (times in seconds since the run's start) and the run a
+:class:`~apexlib.core.metrics.BenchmarkSummary`.
 
 A :class:`BenchmarkResult` holds one row per request plus one summary row (``row_type`` says
 which); every row carries the provenance columns (:data:`PROVENANCE_COLUMNS`). ``write_results``
@@ -26,58 +26,38 @@ writes ``rows.csv`` (and ``rows.parquet`` when pyarrow is installed) and ``meta.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
 import json
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apexlib.bench.metrics import BenchmarkSummary, RequestTiming, summarize
-from apexlib.bench.workloads import PRESETS, Workload, get_preset
-from apexlib.config import EngineConfig
+from apexlib.core.config import EngineConfig
+from apexlib.core.results import BenchmarkResult, RequestRecord, build_provenance, finish_result
+from apexlib.envinfo import provenance_facts
+from apexlib.workloads import PRESETS, Workload, get_preset
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODES",
-    "PROVENANCE_COLUMNS",
-    "RESULTS_DIR",
-    "BenchmarkResult",
     "BenchmarkSettings",
-    "config_hash",
     "default_model_path",
     "load_workload",
     "prepare_workload",
     "resolve_max_model_len",
     "resolve_mode",
-    "build_provenance",
     "resolved_settings",
     "drive_engine",
-    "finish_result",
     "run_benchmark",
     "special_token_ids",
-    "write_results",
 ]
 
-#: ``data/results/`` of this checkout (the editable install the project uses).
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "data" / "results"
 MODES = ("offline", "online")
 
-#: Columns every row (request or summary) carries.
-PROVENANCE_COLUMNS = (
-    "experiment", "run_id", "executor", "engine", "engine_version", "date_utc", "git_commit", "apexlib_version",
-    "device", "gpu_names", "cpu_model", "cpu_count", "torch_version", "cuda_version",
-    "model_path", "model_config_sha256", "dtype", "block_size", "num_gpu_blocks", "num_cpu_blocks",
-    "max_num_seqs", "max_num_batched_tokens", "max_model_len", "policy",
-    "workload", "workload_seed", "token_seed", "num_requests", "mode", "arrival", "rate",
-    "warmup_requests", "engine_iterations", "engine_preemptions", "engine_mode_counts",
-)
 
 
 @dataclass(frozen=True)
@@ -127,11 +107,6 @@ def default_model_path() -> str:
     path = str(tiny_checkpoint("demo"))
     logger.info("no model given: using the embedded tiny 'demo' checkpoint at %s", path)
     return path
-
-
-def config_hash(model_path: str | Path) -> str:
-    """SHA-256 of the checkpoint's ``config.json`` bytes (first 16 hex digits)."""
-    return hashlib.sha256((Path(model_path) / "config.json").read_bytes()).hexdigest()[:16]
 
 
 def special_token_ids(model_path: str | Path, vocab_size: int) -> tuple[int, ...]:
@@ -228,168 +203,14 @@ def resolve_max_model_len(settings: BenchmarkSettings, workload: Workload, check
     return limit
 
 
-def _arrival_of(workload: Workload) -> tuple[str, float | None]:
-    metadata = workload.metadata
-    return str(metadata.get("arrival", "unknown")), metadata.get("rate")
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _tokens_digest(token_ids: Sequence[int]) -> str:
-    return hashlib.sha1(",".join(map(str, token_ids)).encode()).hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """What a run measured for one request (seconds since the run's start)."""
-
-    request_id: str
-    prompt_len: int
-    arrival_time: float
-    first_scheduled_time: float | None
-    first_token_time: float
-    finish_time: float
-    token_times: tuple[float, ...]
-    output_token_ids: tuple[int, ...]
-    num_preemptions: int | None = None
-
-    def timing(self) -> RequestTiming:
-        return RequestTiming(request_id=self.request_id, prompt_len=self.prompt_len,
-                             output_len=len(self.output_token_ids), arrival_time=self.arrival_time,
-                             first_token_time=self.first_token_time, finish_time=self.finish_time,
-                             token_times=self.token_times)
-
-
-@dataclass(frozen=True)
-class BenchmarkResult:
-    """One run: provenance, per-request records, the summary; ``rows`` is the tidy table."""
-
-    experiment: str
-    provenance: Mapping[str, Any]
-    records: tuple[RequestRecord, ...]
-    summary: BenchmarkSummary
-    wall_time_s: float
-    extra: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def run_id(self) -> str:
-        return str(self.provenance["run_id"])
-
-    @property
-    def timings(self) -> tuple[RequestTiming, ...]:
-        return tuple(record.timing() for record in self.records)
-
-    @property
-    def output_token_ids(self) -> dict[str, tuple[int, ...]]:
-        return {record.request_id: record.output_token_ids for record in self.records}
-
-    def request_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for record in self.records:
-            timing = record.timing()
-            row: dict[str, Any] = {"row_type": "request", **self.provenance, **timing.to_dict()}
-            row["first_scheduled_time"] = (math.nan if record.first_scheduled_time is None
-                                           else record.first_scheduled_time)
-            row["queue_time_s"] = (math.nan if record.first_scheduled_time is None
-                                   else record.first_scheduled_time - record.arrival_time)
-            itls = timing.itls
-            row["itl_mean_s"] = sum(itls) / len(itls) if itls else math.nan
-            row["num_preemptions"] = record.num_preemptions
-            row["output_tokens_sha1"] = _tokens_digest(record.output_token_ids)
-            rows.append(row)
-        return rows
-
-    def summary_row(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"row_type": "summary", **self.provenance, "request_id": None}
-        row.update(self.summary.to_dict())
-        row["wall_time_s"] = self.wall_time_s
-        return row
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per request, then the summary row."""
-        return [*self.request_rows(), self.summary_row()]
-
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
-    def write(self, results_dir: str | Path | None = None) -> Path:
-        """``write_results([self], ...)`` into ``<results_dir>/<experiment>/``."""
-        return write_results([self], results_dir, self.experiment)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return str(value)
-
-
-def write_results(results: Sequence[BenchmarkResult], results_dir: str | Path | None = None,
-                  experiment: str | None = None) -> Path:
-    """Write the rows of ``results`` to ``<results_dir or data/results>/<experiment>/``.
-
-    Files: ``rows.csv``, ``rows.parquet`` (when pyarrow is importable) and ``meta.json`` (the
-    experiment, the runs' provenance, settings and summaries). Existing files are replaced.
-    """
-    if not results:
-        raise ValueError("write_results needs at least one BenchmarkResult")
-    import pandas as pd
-
-    experiment = experiment or results[0].experiment
-    directory = Path(results_dir if results_dir is not None else RESULTS_DIR) / experiment
-    directory.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame([row for result in results for row in result.rows])
-    frame.to_csv(directory / "rows.csv", index=False)
-    files = ["rows.csv"]
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        logger.info("pyarrow not installed: writing CSV only")
-    else:
-        frame.to_parquet(directory / "rows.parquet", index=False)
-        files.append("rows.parquet")
-    meta = {
-        "experiment": experiment,
-        "written_utc": _utc_now(),
-        "files": files,
-        "num_rows": len(frame),
-        "runs": [{"provenance": dict(result.provenance), "extra": dict(result.extra),
-                  "summary": result.summary.to_dict(), "wall_time_s": result.wall_time_s} for result in results],
-    }
-    (directory / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n", encoding="utf-8")
-    logger.info("wrote %d rows of %d run(s) to %s", len(frame), len(results), directory)
-    return directory
-
-
 # --------------------------------------------------------------------------------------------------
 # The run
 
 
 def _sampling_params(output_len: int):
-    from apexlib.request import SamplingParams
+    from apexlib.core.request import SamplingParams
 
     return SamplingParams(max_tokens=int(output_len), temperature=0.0, ignore_eos=True, output_kind="final_only")
-
-
-def _environment_provenance() -> dict[str, Any]:
-    from apexlib.envinfo import environment
-
-    info = environment()
-    return {
-        "git_commit": info["git_commit"],
-        "apexlib_version": info["apexlib_version"],
-        "gpu_names": ";".join(gpu["name"] for gpu in info["gpus"]) or None,
-        "cpu_model": info["cpu_model"],
-        "cpu_count": info["cpu_affinity"],
-        "torch_version": info["torch"],
-        "cuda_version": info["cuda"],
-    }
 
 
 def _stats_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
@@ -421,7 +242,7 @@ def drive_engine(engine, workload: Workload, mode: str, progress: bool = True) -
     """
     from tqdm.auto import tqdm
 
-    from apexlib.engine.clock import clock
+    from apexlib.core.clock import clock
 
     by_id = {request.request_id: request for request in workload.requests}
     pending = deque(sorted(workload.requests, key=lambda request: request.arrival_time))
@@ -474,12 +295,6 @@ def drive_engine(engine, workload: Workload, mode: str, progress: bool = True) -
     return records, wall_time
 
 
-def default_experiment(workload: Workload, settings: BenchmarkSettings, mode: str, engine: str = "apexlib") -> str:
-    arrival, rate = _arrival_of(workload)
-    load = "offline" if mode == "offline" else f"{arrival}-{rate:g}" if isinstance(rate, (int, float)) else mode
-    return f"bench-{engine}-{workload.name}-{settings.policy}-{load}"
-
-
 def run_benchmark(workload: Workload, settings: BenchmarkSettings | None = None, *, mode: str = "auto",
                   experiment: str | None = None, progress: bool = True, engine=None) -> BenchmarkResult:
     """Run ``workload`` on apexlib's ``LLMEngine`` and return its :class:`BenchmarkResult`.
@@ -487,7 +302,7 @@ def run_benchmark(workload: Workload, settings: BenchmarkSettings | None = None,
     ``engine``: an already built ``LLMEngine`` to reuse (its own settings then apply; ``settings`` only
     supplies the bench options); otherwise one is built from ``settings``.
     """
-    from apexlib.config import ModelConfig
+    from apexlib.core.config import ModelConfig
     from apexlib.engine.engine import LLMEngine
 
     settings = settings or BenchmarkSettings()
@@ -519,8 +334,9 @@ def run_benchmark(workload: Workload, settings: BenchmarkSettings | None = None,
     records, wall_time = drive_engine(engine, workload, mode, progress=progress)
     stats = _stats_delta(stats_before, engine.stats.snapshot())
 
-    provenance = build_provenance(workload, settings, mode, experiment, engine="apexlib", engine_version=None,
-                                  resolved=resolved_settings(config), stats=stats)
+    provenance = build_provenance(workload, mode, experiment, engine="apexlib", engine_version=None,
+                                  resolved=resolved_settings(config), stats=stats, environment=provenance_facts(),
+                                  token_seed=settings.token_seed, warmup_requests=settings.warmup_requests)
     return finish_result(provenance, records, wall_time, extra={"settings": settings.to_dict(), "stats": stats})
 
 
@@ -540,74 +356,3 @@ def resolved_settings(config: EngineConfig, device: str | None = None) -> dict[s
     }
 
 
-ENVIRONMENT_COLUMNS = ("git_commit", "apexlib_version", "gpu_names", "cpu_model", "cpu_count", "torch_version",
-                       "cuda_version")
-
-
-def build_provenance(workload: Workload, settings: BenchmarkSettings, mode: str, experiment: str | None, *,
-                     engine: str, engine_version: str | None, resolved: Mapping[str, Any],
-                     stats: Mapping[str, Any], environment: Mapping[str, Any] | None = None,
-                     executor: str = "engine", model_config_sha256: str | None = None) -> dict[str, Any]:
-    """The provenance columns of a run.
-
-    ``resolved``: the engine settings as the engine resolved them (device, model_path, dtype,
-    block_size, num_gpu_blocks, num_cpu_blocks, max_num_seqs, max_num_batched_tokens, max_model_len,
-    policy). ``stats``: iterations, preemptions, mode_counts of the timed run. ``environment``
-    overrides entries of this process's environment facts (a subprocess engine's torch version); when it
-    gives every :data:`ENVIRONMENT_COLUMNS` entry (the simulator's simulated hardware), this process's
-    facts are not read at all (no torch import). ``model_config_sha256`` replaces the hash of the
-    checkpoint's config.json (a model without a checkpoint).
-    """
-    arrival, rate = _arrival_of(workload)
-    environment = dict(environment or {})
-    facts = {} if set(ENVIRONMENT_COLUMNS) <= set(environment) else _environment_provenance()
-    facts.update(environment)
-    provenance: dict[str, Any] = {
-        "experiment": experiment or default_experiment(workload, settings, mode, engine),
-        "run_id": "",
-        "executor": executor,
-        "engine": engine,
-        "engine_version": engine_version or facts["apexlib_version"],
-        "date_utc": _utc_now(),
-        **facts,
-        **resolved,
-        "model_config_sha256": model_config_sha256 or config_hash(resolved["model_path"]),
-        "workload": workload.name,
-        "workload_seed": workload.seed,
-        "token_seed": settings.token_seed,
-        "num_requests": len(workload),
-        "mode": mode,
-        "arrival": "offline" if mode == "offline" else arrival,
-        "rate": None if mode == "offline" else rate,
-        "warmup_requests": min(settings.warmup_requests, len(workload)),
-        "engine_iterations": stats.get("iterations"),
-        "engine_preemptions": stats.get("preemptions"),
-        "engine_mode_counts": json.dumps(stats.get("mode_counts"), sort_keys=True),
-    }
-    provenance["run_id"] = _run_id(provenance)
-    return provenance
-
-
-def _run_id(provenance: Mapping[str, Any]) -> str:
-    parts = [provenance["engine"], provenance["workload"], provenance["policy"], provenance["mode"]]
-    if provenance.get("rate") is not None:
-        parts.append(f"r{provenance['rate']:g}")
-    if provenance.get("num_gpu_blocks") is not None:
-        parts.append(f"b{provenance['num_gpu_blocks']}")
-    return "-".join(str(part) for part in parts)
-
-
-def finish_result(provenance: Mapping[str, Any], records: Sequence[RequestRecord], wall_time: float,
-                  extra: Mapping[str, Any] | None = None) -> BenchmarkResult:
-    """Check the provenance columns, summarize the records and build the result."""
-    missing = [column for column in PROVENANCE_COLUMNS if column not in provenance]
-    if missing:
-        raise ValueError(f"provenance lacks column(s) {missing}")
-    records = tuple(records)
-    summary = summarize([record.timing() for record in records])
-    ordered = {column: provenance[column] for column in PROVENANCE_COLUMNS}
-    logger.info("%s: %d requests, %.1f output tok/s, TTFT median %.1f ms, TPOT median %.2f ms",
-                ordered["run_id"], summary.completed, summary.output_throughput, summary.ttft.median * 1e3,
-                summary.tpot.median * 1e3)
-    return BenchmarkResult(experiment=str(ordered["experiment"]), provenance=ordered, records=records,
-                           summary=summary, wall_time_s=wall_time, extra=dict(extra or {}))

@@ -27,18 +27,11 @@ from typing import Any
 
 import httpx
 
-from apexlib.bench.runner import (
-    BenchmarkResult,
-    BenchmarkSettings,
-    RequestRecord,
-    build_provenance,
-    finish_result,
-    prepare_workload,
-    resolve_mode,
-    special_token_ids,
-)
-from apexlib.bench.workloads import Workload
-from apexlib.config import ModelConfig
+from apexlib.bench.runner import BenchmarkSettings, prepare_workload, resolve_mode, special_token_ids
+from apexlib.core.config import ModelConfig
+from apexlib.core.results import BenchmarkResult, RequestRecord, build_provenance, finish_result
+from apexlib.envinfo import provenance_facts
+from apexlib.workloads import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +162,10 @@ def run_serve_benchmark(base_url: str, workload: Workload, settings: BenchmarkSe
         "max_model_len": config.get("max_model_len", info.max_model_len),
         "policy": config.get("policy", settings.policy),
     }
-    provenance = build_provenance(workload, replace(settings, policy=str(resolved["policy"])), mode, experiment,
-                                  engine=f"{engine_name}-serve", engine_version=None, resolved=resolved,
-                                  stats={}, executor="http")
+    provenance = build_provenance(workload, mode, experiment, engine=f"{engine_name}-serve", engine_version=None,
+                                  resolved=resolved, stats={}, environment=provenance_facts(),
+                                  token_seed=settings.token_seed, warmup_requests=settings.warmup_requests,
+                                  executor="http")
     return finish_result(provenance, records, wall,
                          extra={"base_url": base_url, "served_model": info.model, "settings": settings.to_dict(),
                                 "max_concurrency": max_concurrency})

@@ -29,23 +29,20 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from apexlib.bench.runner import (
-    BenchmarkResult,
     BenchmarkSettings,
-    RequestRecord,
-    build_provenance,
     default_model_path,
-    finish_result,
     prepare_workload,
     resolve_max_model_len,
     resolve_mode,
     special_token_ids,
 )
-from apexlib.bench.workloads import Workload
+from apexlib.core.results import BenchmarkResult, RequestRecord, build_provenance, finish_result
+from apexlib.envinfo import provenance_facts
+from apexlib.workloads import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +106,7 @@ def find_vllm_python(device: str = "cpu", python: str | os.PathLike[str] | None 
 
 def vllm_worker_settings(workload: Workload, settings: BenchmarkSettings, mode: str, device: str) -> dict[str, Any]:
     """The worker's settings, resolved as apexlib's engine resolves them (same KV budget and limits)."""
-    from apexlib.config import ModelConfig
+    from apexlib.core.config import ModelConfig
     from apexlib.engine.args import EngineArgs
 
     model_path = settings.model or default_model_path()
@@ -228,9 +225,10 @@ def run_vllm_benchmark(workload: Workload, settings: BenchmarkSettings | None = 
     }
     stats = {"iterations": output["iterations"], "preemptions": output["preemptions"], "mode_counts": {}}
     provenance = build_provenance(
-        workload, replace(settings, policy="gpu_only"), mode, experiment, engine="vllm",
-        engine_version=output["vllm_version"], resolved=resolved, stats=stats,
-        environment={"torch_version": output["torch_version"], "cuda_version": output["cuda_version"]})
+        workload, mode, experiment, engine="vllm", engine_version=output["vllm_version"], resolved=resolved,
+        stats=stats, environment={**provenance_facts(), "torch_version": output["torch_version"],
+                                  "cuda_version": output["cuda_version"]},
+        token_seed=settings.token_seed, warmup_requests=settings.warmup_requests)
     extra = {"settings": settings.to_dict(), "worker_settings": worker_settings, "stats": stats,
              "init_time_s": output["init_time_s"], "num_gpu_blocks_vllm": output["num_gpu_blocks_vllm"],
              "python": str(executable)}

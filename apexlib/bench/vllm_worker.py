@@ -2,7 +2,7 @@
 by apexlib's: ``<vllm venv>/bin/python -m apexlib.bench.vllm_worker --settings S.json --workload W.jsonl
 --out R.json`` with ``PYTHONPATH`` pointing at apexlib's source (see ``apexlib.bench.vllm_runner``).
 
-It imports only torch-free apexlib modules (``apexlib.bench.workloads``) plus vllm. The workload must
+It imports only torch-free apexlib modules (``apexlib.workloads``) plus vllm. The workload must
 carry prompt token ids. Both modes go through ``LLM.llm_engine`` (what ``LLM.generate`` does inside,
 ``LLM._run_engine``): ``offline`` adds every request, then steps; ``online`` adds each request once
 its arrival time has passed and steps, sleeping while idle. Every request is greedy with
@@ -26,7 +26,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from apexlib.bench.workloads import Workload
+from apexlib.workloads import Workload
 
 logger = logging.getLogger("apexlib.bench.vllm_worker")
 

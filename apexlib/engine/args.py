@@ -10,7 +10,7 @@ import logging
 import math
 from dataclasses import dataclass, fields
 
-from apexlib.config import (
+from apexlib.core.config import (
     DEFAULT_CPU_JOB_TIMEOUT,
     GIB,
     SUPPORTED_DTYPES,
@@ -51,7 +51,7 @@ class EngineArgs:
     cpu_placement: str = "overflow"
     profile_subtasks: bool = False
     attention_backend: str = "auto"
-    # neo/apex: a profile JSON from `apex profile`, "roofline:<hardware>" (apexlib.profiling.hardware), or "zero".
+    # neo/apex: a profile JSON from `apex profile`, "roofline:<hardware>" (apexlib.costs.hardware), or "zero".
     cost_model: str | None = None
     iteration_time_bound: float | None = None
     # Seconds the engine waits for one CPU-attention job before it raises (a stuck worker would hang step()).

@@ -33,23 +33,23 @@ from typing import Any
 import torch
 
 from apexlib.attention.backends import select_backend
-from apexlib.config import EngineConfig, ModelConfig
-from apexlib.engine.args import EngineArgs, activation_reserve_bytes
-from apexlib.engine.clock import clock
-from apexlib.engine.plan import IterationPlan
-from apexlib.engine.scheduler import Scheduler
-from apexlib.engine.stats import EngineStats
-from apexlib.kvcache.storage import KVStorage
-from apexlib.model.weights import TORCH_DTYPES, load_model
-from apexlib.policies import PROFILED_POLICIES, policy_from_config
-from apexlib.profiling.cost_model import (
+from apexlib.core.clock import clock
+from apexlib.core.config import EngineConfig, ModelConfig
+from apexlib.core.plan import IterationPlan
+from apexlib.core.request import CompletionOutput, Request, RequestMetrics, RequestOutput, SamplingParams
+from apexlib.core.stats import EngineStats
+from apexlib.costs import (
     CostModel,
     ModelShape,
     RooflineCostModel,
     ZeroCostModel,
     load_cost_model,
 )
-from apexlib.request import CompletionOutput, Request, RequestMetrics, RequestOutput, SamplingParams
+from apexlib.engine.args import EngineArgs, activation_reserve_bytes
+from apexlib.engine.scheduler import Scheduler
+from apexlib.model.weights import TORCH_DTYPES, load_model
+from apexlib.policies import PROFILED_POLICIES, policy_from_config
+from apexlib.runner.kv_storage import KVStorage
 from apexlib.runner.model_runner import ModelRunner
 from apexlib.runner.overlap import CpuAttentionWorker
 
@@ -367,7 +367,7 @@ def build_cost_model(spec: str | None, model_config: ModelConfig, dtype: str, de
     """A profile JSON path (measured by ``apex profile``, or a datasheet profile), ``roofline:<hardware>``,
     or ``zero``; None: a roofline of this machine (device=cpu), logged as a stand-in until ``apex profile``
     has been run."""
-    from apexlib.profiling.hardware import get_hardware
+    from apexlib.costs.hardware import get_hardware
 
     shape = ModelShape.from_config(model_config)
     if spec == "zero":

@@ -32,12 +32,12 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from apexlib.config import CacheConfig, SchedulerConfig
-from apexlib.engine.plan import IterationPlan, OverlapMode, RunnerOutput, ScheduledSequence
-from apexlib.engine.stats import EngineStats
-from apexlib.kvcache.manager import KVCacheManager, Tier
+from apexlib.core.config import CacheConfig, SchedulerConfig
+from apexlib.core.plan import IterationPlan, OverlapMode, RunnerOutput, ScheduledSequence, Tier
+from apexlib.core.request import Request, RequestStatus
+from apexlib.core.stats import EngineStats
+from apexlib.kvcache.manager import KVCacheManager
 from apexlib.policies.base import IterationCandidate, Policy
-from apexlib.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 

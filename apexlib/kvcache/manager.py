@@ -7,15 +7,10 @@ tier. Predicates and actions come in pairs (``can_allocate`` / ``allocate``, ``c
 
 from __future__ import annotations
 
-import enum
 import math
 
+from apexlib.core.plan import Tier
 from apexlib.kvcache.block_pool import BlockPool
-
-
-class Tier(enum.Enum):
-    GPU = "gpu"
-    CPU = "cpu"
 
 
 class KVCacheManager:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apexlib.config import ModelConfig
+from apexlib.core.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from apexlib.config import ModelConfig
+from apexlib.core.config import ModelConfig
 from apexlib.model.llama import LlamaModel
 
 logger = logging.getLogger(__name__)

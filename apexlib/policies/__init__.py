@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from apexlib.config import SchedulerConfig
+from apexlib.core.config import SchedulerConfig
+from apexlib.costs import CostModel
 from apexlib.policies.base import Policy
 from apexlib.policies.gpu_only import GpuOnlyPolicy
 from apexlib.policies.hybrid import HybridPolicy
 from apexlib.policies.profiled import ApexPolicy, NeoPolicy, NeoPublishedPolicy
-from apexlib.profiling.cost_model import CostModel
 
 POLICY_REGISTRY: dict[str, type[Policy]] = {
     GpuOnlyPolicy.name: GpuOnlyPolicy, HybridPolicy.name: HybridPolicy, NeoPolicy.name: NeoPolicy,

@@ -7,9 +7,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from apexlib.engine.plan import CpuRuntime, OverlapMode, PredictedTimes, ScheduledSequence
-from apexlib.kvcache.manager import KVCacheManager, Tier
-from apexlib.request import Request
+from apexlib.core.plan import CpuRuntime, OverlapMode, PredictedTimes, ScheduledSequence, Tier
+from apexlib.core.request import Request
+from apexlib.kvcache.manager import KVCacheManager
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ iteration instead.
 
 from __future__ import annotations
 
-from apexlib.engine.plan import OverlapMode
-from apexlib.kvcache.manager import KVCacheManager, Tier
+from apexlib.core.plan import OverlapMode, Tier
+from apexlib.core.request import Request
+from apexlib.kvcache.manager import KVCacheManager
 from apexlib.policies.base import Policy
-from apexlib.request import Request
 
 PLACEMENTS = ("overflow", "cpu")
 

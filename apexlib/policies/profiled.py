@@ -24,11 +24,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from apexlib.engine.plan import CpuRuntime, OverlapMode, PredictedTimes, ScheduledSequence
-from apexlib.kvcache.manager import KVCacheManager, Tier
+from apexlib.core.plan import CpuRuntime, OverlapMode, PredictedTimes, ScheduledSequence, Tier
+from apexlib.core.request import Request
+from apexlib.costs import CostModel, IterationShape, predict_iteration
+from apexlib.kvcache.manager import KVCacheManager
 from apexlib.policies.base import IterationCandidate, IterationDecision, Policy
-from apexlib.profiling.cost_model import CostModel, IterationShape, predict_iteration
-from apexlib.request import Request
 
 
 class _ProfiledPolicy(Policy):

@@ -56,16 +56,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apexlib.profiling.cost_model import (
+from apexlib.costs import (
     PROFILE_SCHEMA,
     CostModel,
-    DecodeFit,
-    Grid,
     ModelShape,
     TableCostModel,
     predict_iteration,
     shape_from_plan,
 )
+from apexlib.costs.table import DecodeFit, Grid
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ class _Bench:
     def __init__(self, engine: Any, settings: ProfileSettings) -> None:
         import torch
 
-        from apexlib.request import SamplingParams
+        from apexlib.core.request import SamplingParams
 
         self.engine = engine
         self.settings = settings
@@ -177,14 +176,14 @@ class _Bench:
                     layer.copy_(values.mul_(0.5).to(layer.dtype))
 
     def _table(self, tier, base: int, num_tokens: int) -> tuple[int, ...]:
-        from apexlib.kvcache.manager import Tier
+        from apexlib.core.plan import Tier
 
         pool = self.engine.config.cache.num_gpu_blocks if tier is Tier.GPU else self.engine.config.cache.num_cpu_blocks
         count = -(-num_tokens // self.block_size)
         return tuple((base + j) % pool for j in range(count))
 
     def decodes(self, batch: int, context: int, tier, prefix: str = "d"):
-        from apexlib.engine.plan import ScheduledSequence
+        from apexlib.core.plan import ScheduledSequence
 
         blocks_per = -(-context // self.block_size)
         token = 5
@@ -192,14 +191,14 @@ class _Bench:
                                        tier, True, self.params, 1) for i in range(batch))
 
     def prefill(self, length: int, tier, index: int = 0):
-        from apexlib.engine.plan import ScheduledSequence
+        from apexlib.core.plan import ScheduledSequence
 
         tokens = tuple(self.rng.randrange(4, self.engine.config.model.vocab_size) for _ in range(length))
         return ScheduledSequence(f"p{index}", tokens, 0, self._table(tier, index * (-(-length // self.block_size)),
                                                                       length), tier, True, self.params, 0)
 
     def plan(self, **fields):
-        from apexlib.engine.plan import IterationPlan
+        from apexlib.core.plan import IterationPlan
 
         self.iteration += 1
         fields.setdefault("prefills", ())
@@ -306,10 +305,9 @@ def provenance(engine: Any, settings: ProfileSettings) -> dict[str, Any]:
 
 def profile_model(settings: ProfileSettings) -> dict[str, Any]:
     """Measure every table of the profile on this machine; returns the profile dict (see module doc)."""
-    from apexlib.config import ModelConfig
-    from apexlib.engine.plan import OverlapMode
-    from apexlib.kvcache.manager import Tier
-    from apexlib.kvcache.storage import copy_blocks
+    from apexlib.core.config import ModelConfig
+    from apexlib.core.plan import OverlapMode, Tier
+    from apexlib.runner.kv_storage import copy_blocks
 
     grid = dict(QUICK_GRID if settings.quick else FULL_GRID)
     grid.update(settings.grid or {})
@@ -455,9 +453,8 @@ def _measure_transfers(engine: Any, block_counts: Sequence[int], settings: Profi
 
 def _measure_hybrid(bench: _Bench, grid: dict[str, Sequence[int]], bar) -> list[tuple[Any, float]]:
     """Mixed iterations (GPU + CPU decodes) in both hybrid modes: (shape, measured iteration seconds)."""
-    from apexlib.engine.plan import OverlapMode
-    from apexlib.kvcache.manager import Tier
-    from apexlib.profiling.cost_model import shape_from_plan
+    from apexlib.core.plan import OverlapMode, Tier
+    from apexlib.costs import shape_from_plan
 
     samples = []
     # the pipeline in both shapes a policy builds: the CPU rows split across the sub-batches, or
@@ -504,10 +501,10 @@ def _calibration_runs(settings: ProfileSettings, model_path: str, config: Any,
     import tempfile
 
     from apexlib.bench.runner import drive_engine, prepare_workload, special_token_ids
-    from apexlib.bench.workloads import Uniform, make_workload
+    from apexlib.core.plan import OverlapMode
     from apexlib.engine.args import EngineArgs
     from apexlib.engine.engine import LLMEngine
-    from apexlib.engine.plan import OverlapMode
+    from apexlib.workloads import Uniform, make_workload
 
     count = settings.calibration_requests or CALIBRATION_REQUESTS["quick" if settings.quick else "full"]
     limit = min(config.max_position_embeddings, 512)
@@ -552,8 +549,8 @@ def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[A
 
     ``samples`` are the grid's iterations; ``engine_samples`` those of real engine runs, which weigh
     as much in total as the grid's (per mode), however many there are."""
-    from apexlib.engine.plan import OverlapMode
-    from apexlib.profiling.cost_model import HybridAdjustment
+    from apexlib.core.plan import OverlapMode
+    from apexlib.costs import HybridAdjustment
 
     result: dict[str, Any] = {"method": "least relative squares over mixed GPU+CPU decode iterations measured "
                                         "with the same runner: device work x device_slowdown, CPU attention x "
@@ -654,10 +651,10 @@ def accuracy_report(engine_or_args: Any, cost_model: CostModel, workload: Sequen
     cost (shape + prediction) is timed. Returns ``{"by_mode": {mode: stats}, "all": stats, "rows": [...]}``
     with median / p90 relative error and the prediction overhead as a fraction of the iteration.
     """
+    from apexlib.core.clock import clock
+    from apexlib.core.request import SamplingParams
     from apexlib.engine.args import EngineArgs
-    from apexlib.engine.clock import clock
     from apexlib.engine.engine import LLMEngine
-    from apexlib.request import SamplingParams
 
     owned = isinstance(engine_or_args, EngineArgs)
     engine = LLMEngine(engine_or_args) if owned else engine_or_args
@@ -720,7 +717,7 @@ def check_profile(settings: ProfileSettings, cost_model: CostModel, workload: Se
     worker takes cores from torch, and the profile was measured that way; a GPU-only engine without it
     would give torch every core, a different machine from the profile's point of view (measured: ~30%
     over-prediction in mode none)."""
-    from apexlib.config import ModelConfig
+    from apexlib.core.config import ModelConfig
     from apexlib.engine.args import EngineArgs
 
     model_path = resolve_model(settings.model)

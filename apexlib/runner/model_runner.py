@@ -30,10 +30,9 @@ import torch
 
 from apexlib.attention import cpu as cpu_attention
 from apexlib.attention.base import AttentionBackend, AttentionMetadata
-from apexlib.engine.plan import CpuRuntime, IterationPlan, OverlapMode, RunnerOutput, ScheduledSequence
-from apexlib.kvcache.manager import Tier
-from apexlib.kvcache.storage import KVStorage, copy_blocks
+from apexlib.core.plan import CpuRuntime, IterationPlan, OverlapMode, RunnerOutput, ScheduledSequence, Tier
 from apexlib.model.llama import LlamaModel
+from apexlib.runner.kv_storage import KVStorage, copy_blocks
 from apexlib.runner.overlap import CpuAttentionWorker, CpuJob
 from apexlib.runner.sampler import Sampler
 

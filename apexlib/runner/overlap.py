@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from apexlib.config import DEFAULT_CPU_JOB_TIMEOUT
+from apexlib.core.config import DEFAULT_CPU_JOB_TIMEOUT
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from apexlib.engine.plan import ScheduledSequence
+from apexlib.core.plan import ScheduledSequence
 
 logger = logging.getLogger(__name__)
 

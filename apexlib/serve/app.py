@@ -27,8 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from apexlib.engine.clock import clock
-from apexlib.request import SamplingParams
+from apexlib.core.clock import clock
+from apexlib.core.request import SamplingParams
 from apexlib.serve.chat import render_chat
 from apexlib.serve.detok import IncrementalDetokenizer, StopStringMatcher
 from apexlib.serve.loop import Delta, EngineLoop, RequestStream

@@ -30,10 +30,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from apexlib.engine.clock import clock
+from apexlib.core.clock import clock
+from apexlib.core.plan import Tier
+from apexlib.core.request import RequestMetrics, RequestOutput, SamplingParams
 from apexlib.engine.engine import IterationError, LLMEngine
-from apexlib.kvcache.manager import Tier
-from apexlib.request import RequestMetrics, RequestOutput, SamplingParams
 from apexlib.runner.overlap import CpuWorkerTimeout
 
 logger = logging.getLogger(__name__)

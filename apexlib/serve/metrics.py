@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from apexlib.request import RequestMetrics
+from apexlib.core.request import RequestMetrics
 from apexlib.serve.loop import Delta, EngineLoop
 
 #: Latency buckets in seconds (from 1 ms: a tiny model on a CPU decodes a token in a few ms).

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from apexlib.request import MAX_SEED, MIN_TEMPERATURE
+from apexlib.core.request import MAX_SEED, MIN_TEMPERATURE
 
 #: At most this many stop strings per request (OpenAI allows 4; a few more cost nothing here).
 MAX_STOP_STRINGS = 16

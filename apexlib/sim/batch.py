@@ -14,9 +14,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from apexlib.bench.workloads import Workload
-from apexlib.profiling.cost_model import CostModel
+from apexlib.costs import CostModel
 from apexlib.sim.simulator import simulate
+from apexlib.workloads import Workload
 
 logger = logging.getLogger(__name__)
 

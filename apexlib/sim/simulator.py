@@ -1,7 +1,7 @@
 """The simulator: the engine's own ``Scheduler`` and policies on a virtual clock. Torch-free.
 
 One scheduler, two executors (DESIGN.md): the real engine executes each ``IterationPlan``
-with the model runner; the simulator executes it with a :class:`~apexlib.profiling.cost_model.CostModel`:
+with the model runner; the simulator executes it with a :class:`~apexlib.costs.CostModel`:
 
 1. ``plan = scheduler.schedule(now)`` (the same code the engine runs, with a ``SchedulerConfig`` and
    ``CacheConfig`` resolved by the same ``EngineArgs.create_engine_config``, and the same policy, built
@@ -22,8 +22,8 @@ runner, plus the ``executor`` = ``"simulator"`` and ``cost_model*`` provenance c
 carries the per-iteration trace (:class:`IterationTrace`: mode, predicted subtask times, batch
 composition) for ablation plots.
 
-:func:`fidelity` runs a workload through both executors (real engine with device=cpu, and the
-simulator with a measured profile) and reports the relative errors of throughput and TPOT.
+:func:`apexlib.bench.fidelity.fidelity` runs a workload through both executors (real engine with
+device=cpu, and the simulator with a measured profile) and reports the relative errors.
 """
 
 from __future__ import annotations
@@ -33,44 +33,45 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import apexlib
 from apexlib.bench.runner import (
-    PROVENANCE_COLUMNS,
-    BenchmarkResult,
     BenchmarkSettings,
-    RequestRecord,
-    build_provenance,
-    finish_result,
     prepare_workload,
     resolve_max_model_len,
     resolve_mode,
     resolved_settings,
     special_token_ids,
 )
-from apexlib.bench.workloads import Workload
-from apexlib.config import DTYPE_BYTES, GIB, ModelConfig
-from apexlib.engine.args import EngineArgs, activation_reserve_bytes
-from apexlib.engine.plan import RunnerOutput
-from apexlib.engine.scheduler import Scheduler
-from apexlib.engine.stats import EngineStats
-from apexlib.policies import PROFILED_POLICIES, policy_from_config
-from apexlib.profiling.cost_model import (
+from apexlib.core.config import DTYPE_BYTES, GIB, ModelConfig
+from apexlib.core.models import SHAPE_PATH_PREFIX, resolve_model_config
+from apexlib.core.plan import RunnerOutput
+from apexlib.core.request import Request, RequestStatus, SamplingParams
+from apexlib.core.results import (
+    PROVENANCE_COLUMNS,
+    BenchmarkResult,
+    RequestRecord,
+    build_provenance,
+    finish_result,
+)
+from apexlib.core.stats import EngineStats
+from apexlib.costs import (
     CostModel,
     ModelShape,
     TableCostModel,
     predict_iteration,
     shape_from_plan,
 )
-from apexlib.request import Request, RequestStatus, SamplingParams
+from apexlib.engine.args import EngineArgs, activation_reserve_bytes
+from apexlib.engine.scheduler import Scheduler
+from apexlib.policies import policy_from_config
+from apexlib.workloads import Workload
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,8 @@ __all__ = [
     "DEVICE_KINDS",
     "EXECUTOR",
     "ITERATION_COLUMNS",
-    "MODEL_SHAPES",
     "IterationTrace",
     "SimulationResult",
-    "compare_iterations",
-    "fidelity",
-    "model_config_for_shape",
-    "resolve_model",
     "simulate",
 ]
 
@@ -94,56 +90,6 @@ DEVICE_KINDS = ("cuda", "cpu")
 _SCHEDULER_POLICY_OPTIONS = ("hybrid_mode", "cpu_placement", "iteration_time_bound")
 #: Consecutive empty iterations (no arrival pending) after which the run is declared stuck.
 _MAX_EMPTY_ITERATIONS = 1000
-
-
-# ----------------------------------------------------------------------------------------------
-# models
-# ----------------------------------------------------------------------------------------------
-#: Real-model shapes (no checkpoint needed): ``model_config_for_shape(name)``. Values from the models'
-#: Hugging Face ``config.json`` (meta-llama/Llama-2-7b-hf, meta-llama/Llama-3.1-8B) and, for
-#: ``tiny-demo``, from ``apexlib.model.tiny.TINY_PRESETS["demo"]``.
-MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "llama-2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                       num_kv_heads=32, head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False, checkpoint_dtype="float16",
-                       bos_token_id=1, eos_token_ids=(2,)),
-    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                         num_kv_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                         rope_theta=500000.0,
-                         rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
-                                       ("original_max_position_embeddings", 8192), ("rope_type", "llama3")),
-                         tie_word_embeddings=False, checkpoint_dtype="bfloat16", bos_token_id=128000,
-                         eos_token_ids=(128001, 128008, 128009)),
-    "tiny-demo": dict(vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
-                      num_kv_heads=2, head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False, checkpoint_dtype="float32",
-                      bos_token_id=1, eos_token_ids=(2,)),
-}
-_SHAPE_PATH_PREFIX = "shape:"
-
-
-def model_config_for_shape(name: str) -> ModelConfig:
-    """A ``ModelConfig`` of a known model shape (:data:`MODEL_SHAPES`), without a checkpoint.
-
-    Its ``path`` is ``"shape:<name>"``; its special ids are the model's bos/eos (plus LLaMA's
-    ``0, 1, 2`` and the tiny models' pad ``3`` where they apply).
-    """
-    key = name.lower()
-    if key not in MODEL_SHAPES:
-        raise ValueError(f"unknown model shape {name!r}; known: {sorted(MODEL_SHAPES)} (or a checkpoint directory)")
-    return ModelConfig(path=_SHAPE_PATH_PREFIX + key, **MODEL_SHAPES[key])
-
-
-def resolve_model(model: ModelConfig | str | Path) -> ModelConfig:
-    """A ``ModelConfig``: given, a shape name (:data:`MODEL_SHAPES`), or a checkpoint directory."""
-    if isinstance(model, ModelConfig):
-        return model
-    name = str(model)
-    if name.lower() in MODEL_SHAPES:
-        return model_config_for_shape(name)
-    if name.startswith(_SHAPE_PATH_PREFIX):
-        return model_config_for_shape(name[len(_SHAPE_PATH_PREFIX):])
-    return ModelConfig.from_pretrained(name)
 
 
 def _has_checkpoint(model_config: ModelConfig) -> bool:
@@ -161,7 +107,7 @@ def _model_config_sha256(model_config: ModelConfig) -> str:
 def _reserved_token_ids(model_config: ModelConfig) -> tuple[int, ...]:
     if _has_checkpoint(model_config):
         return special_token_ids(model_config.path, model_config.vocab_size)
-    ids = {0, 1, 2, 3} if model_config.path == _SHAPE_PATH_PREFIX + "tiny-demo" else {0, 1, 2}
+    ids = {0, 1, 2, 3} if model_config.path == SHAPE_PATH_PREFIX + "tiny-demo" else {0, 1, 2}
     if model_config.bos_token_id is not None:
         ids.add(model_config.bos_token_id)
     ids.update(model_config.eos_token_ids)
@@ -341,10 +287,10 @@ def _provenance(workload: Workload, settings: BenchmarkSettings, mode: str, expe
     arrival = str(workload.metadata.get("arrival", "unknown"))
     load = "offline" if mode == "offline" else f"{arrival}-{rate:g}" if isinstance(rate, (int, float)) else mode
     provenance = build_provenance(
-        workload, dataclasses.replace(settings, warmup_requests=0), mode,
-        experiment or f"sim-{workload.name}-{resolved['policy']}-{load}-{hardware}", engine="apexlib",
+        workload, mode, experiment or f"sim-{workload.name}-{resolved['policy']}-{load}-{hardware}", engine="apexlib",
         engine_version=apexlib.__version__, resolved=resolved, stats=stats, environment=environment,
-        executor=EXECUTOR, model_config_sha256=_model_config_sha256(model_config))
+        token_seed=settings.token_seed, warmup_requests=0, executor=EXECUTOR,
+        model_config_sha256=_model_config_sha256(model_config))
     provenance.update(_describe_cost_model(cost_model))
     parts = ["sim", workload.name, resolved["policy"], mode]
     if provenance["rate"] is not None:
@@ -390,7 +336,7 @@ def simulate(workload: Workload, *, model: ModelConfig | str, policy: str, cost_
     if not (scheduler_overhead == "measured" or (isinstance(scheduler_overhead, (int, float))
                                                  and scheduler_overhead >= 0)):
         raise ValueError(f"scheduler_overhead must be seconds >= 0 or 'measured', got {scheduler_overhead!r}")
-    model_config = resolve_model(model)
+    model_config = resolve_model_config(model)
     options = dict(policy_options)
     scheduler_options = {key: options.pop(key) for key in _SCHEDULER_POLICY_OPTIONS if key in options}
     mode = resolve_mode(workload, mode)
@@ -539,124 +485,3 @@ def _run(scheduler: Scheduler, executor: _VirtualExecutor, workload: Workload, m
         else:
             empty_in_a_row = 0
     return requests, now
-
-
-# ----------------------------------------------------------------------------------------------
-# fidelity: the simulator against the real engine
-# ----------------------------------------------------------------------------------------------
-def _relative_error(simulated: float, measured: float) -> float:
-    return (simulated - measured) / measured if measured else math.nan
-
-
-def compare_iterations(measured: BenchmarkResult, simulated: SimulationResult):
-    """Per iteration: the real engine's step time next to the simulator's, for the same plans.
-
-    The engine's iteration ends are the distinct token times of its run (every iteration that samples
-    ends at one); when their count equals the simulator's iterations (no prefill-only chunks) the
-    iterations are the same plans in the same order. Returns the trace with ``measured`` (seconds between
-    consecutive ends, the first from the run's start) and ``ratio`` = simulated / measured, where
-    simulated = ``duration + scheduler_seconds``; None when the iterations cannot be aligned.
-    """
-    ends = sorted({time for record in measured.records for time in record.token_times})
-    trace = simulated.iterations.to_dataframe()
-    if len(ends) != len(trace) or not len(trace):
-        return None
-    start = min(record.arrival_time for record in measured.records)
-    trace["measured"] = [end - previous for previous, end in zip([start, *ends[:-1]], ends, strict=True)]
-    trace["ratio"] = (trace["duration"] + trace["scheduler_seconds"]) / trace["measured"]
-    return trace
-
-
-def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model: CostModel | str | Path, *,
-             policies: Sequence[str] | None = None, mode: str = "offline", progress: bool = False,
-             scheduler_overhead: float | str = "measured", results: list[BenchmarkResult] | None = None):
-    """Run ``workload`` through the real engine (``run_benchmark``) and the simulator, per policy.
-
-    ``engine_settings``: the engine's ``BenchmarkSettings`` (e.g. device="cpu", the tiny demo model);
-    its ``policy`` is replaced by each of ``policies`` (default: that one policy). ``cost_model``: a
-    ``TableCostModel`` (a profile of this machine) or the path of a profile JSON; the engine's neo/apex
-    decide on the same profile. Returns a DataFrame, one row per policy: measured and simulated output
-    throughput and mean/median TPOT, mean TTFT, iterations and preemptions, and the relative errors
-    ``(simulated - measured) / measured``, and the median per-iteration error overall and per mode
-    (:func:`compare_iterations`). Pass ``results`` (a list) to receive the runs' results.
-    ``scheduler_overhead`` goes to :func:`simulate` (default ``"measured"``: the engine pays for its
-    scheduler, which a profile does not time). Needs torch (the real engine).
-
-    With device=cpu every engine gets at least one CPU-tier block: a profile is measured on the hybrid
-    engine, whose CPU-attention worker takes a core from torch, and a gpu_only engine without a CPU tier
-    would give torch every core (a different machine from the profile's point of view).
-    """
-    import pandas as pd
-
-    from apexlib.bench.runner import default_model_path, run_benchmark
-    from apexlib.engine.engine import LLMEngine
-
-    if isinstance(cost_model, (str, Path)):
-        profile_path = str(cost_model)
-        cost_model = TableCostModel.from_file(profile_path)
-    elif isinstance(cost_model, TableCostModel):
-        handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-        with handle:
-            json.dump(cost_model.profile, handle)
-        profile_path = handle.name
-    else:
-        profile_path = None
-    model_path = engine_settings.model or default_model_path()
-    rows = []
-    for policy in policies or (engine_settings.policy,):
-        settings = dataclasses.replace(engine_settings, model=model_path, policy=policy)
-        if settings.device == "cpu" and not settings.num_cpu_blocks and settings.cpu_kv_gib is None:
-            settings = dataclasses.replace(settings, num_cpu_blocks=1 if policy == "gpu_only" else None)
-        model_config = ModelConfig.from_pretrained(model_path)
-        limit = resolve_max_model_len(settings, workload, model_config.max_position_embeddings)
-        engine_args: dict[str, Any] = dict(
-            model=model_path, dtype=settings.dtype, device=settings.device, block_size=settings.block_size,
-            num_gpu_blocks=settings.num_gpu_blocks, num_cpu_blocks=settings.num_cpu_blocks,
-            gpu_kv_gib=settings.gpu_kv_gib, cpu_kv_gib=settings.cpu_kv_gib, policy=policy, max_model_len=limit,
-            max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-            enable_chunked_prefill=settings.enable_chunked_prefill, seed=settings.seed)
-        if policy in PROFILED_POLICIES:
-            if profile_path is None:
-                raise ValueError("fidelity with neo/apex needs a TableCostModel or a profile path (the engine's "
-                                 "policies decide on the same profile)")
-            engine_args["cost_model"] = profile_path
-        engine = LLMEngine.from_engine_args(**engine_args)
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-        try:
-            measured = run_benchmark(workload, settings, mode=mode, progress=progress, engine=engine)
-        finally:
-            engine.close()
-        config = engine.config
-        simulated = simulate(
-            workload, model=model_path, policy=policy, cost_model=cost_model,
-            num_gpu_blocks=config.cache.num_gpu_blocks, num_cpu_blocks=config.cache.num_cpu_blocks,
-            block_size=config.cache.block_size, max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_model_len=config.scheduler.max_model_len, enable_chunked_prefill=settings.enable_chunked_prefill,
-            device_kind="cpu" if config.device == "cpu" else "cuda", dtype=config.dtype, mode=mode,
-            token_seed=settings.token_seed, scheduler_overhead=scheduler_overhead)
-        if results is not None:
-            results.extend([measured, simulated])
-        real, sim = measured.summary_row(), simulated.summary_row()
-        row: dict[str, Any] = {"policy": policy, "workload": workload.name, "num_requests": len(workload),
-                               "num_gpu_blocks": config.cache.num_gpu_blocks, "cost_model": cost_model.source}
-        for key in ("output_throughput", "tpot_mean_s", "tpot_median_s", "ttft_mean_s", "duration_s"):
-            row[f"engine_{key}"] = real[key]
-            row[f"sim_{key}"] = sim[key]
-            row[f"error_{key}"] = _relative_error(sim[key], real[key])
-        # other processes on the cores slow the engine, not the simulator: keep the load next to the errors
-        row["load_average_1min"] = (load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
-        row["engine_iterations"] = measured.provenance["engine_iterations"]
-        row["sim_iterations"] = simulated.provenance["engine_iterations"]
-        row["engine_preemptions"] = measured.provenance["engine_preemptions"]
-        row["sim_preemptions"] = simulated.provenance["engine_preemptions"]
-        row["engine_mode_counts"] = measured.provenance["engine_mode_counts"]
-        row["sim_mode_counts"] = simulated.provenance["engine_mode_counts"]
-        aligned = compare_iterations(measured, simulated)
-        if aligned is not None:
-            row["iteration_error_median"] = float(aligned["ratio"].median() - 1.0)
-            row["iteration_error_median_by_mode"] = json.dumps(
-                {mode: round(float(ratio - 1.0), 4) for mode, ratio in aligned.groupby("mode")["ratio"].median().items()},
-                sort_keys=True)
-        rows.append(row)
-    return pd.DataFrame(rows)

@@ -179,7 +179,7 @@ class Request:
 
 @dataclass(frozen=True)
 class RequestMetrics:
-    """Wall-clock times of one request on the engine clock (``apexlib.engine.clock``), in seconds."""
+    """Wall-clock times of one request on the engine clock (``apexlib.core.clock``), in seconds."""
 
     arrival_time: float
     first_scheduled_time: float | None

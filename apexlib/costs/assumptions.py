@@ -1,6 +1,6 @@
 """The assumptions behind the simulated figures, each with a documented low, central and high value.
 
-Torch-free. The roofline cost model (:class:`~apexlib.profiling.cost_model.RooflineCostModel`) needs
+Torch-free. The roofline cost model (:class:`~apexlib.costs.RooflineCostModel`) needs
 numbers nobody has measured for the T4 / A10G machines: how much of the GPU's bandwidth and peak its
 kernels reach, how fast the host's cores read DRAM, what a PCIe copy and a kernel launch cost, and
 what NEO's published runtime pays per pipeline stage. The central values are the datasheet profiles'
@@ -58,7 +58,7 @@ class Assumption:
 
 
 # Roofline efficiency factors (RooflineCostModel fields) and the host DRAM figure (a factor on the
-# hardware profile's dram_gbps, whose central value and source live in apexlib.profiling.hardware).
+# hardware profile's dram_gbps, whose central value and source live in apexlib.costs.hardware).
 ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("memory_efficiency", 0.6, 0.7, 0.85, "of GPU memory bandwidth", False,
                "decode GEMVs reach 60-85% of HBM/GDDR bandwidth in public kernel benchmarks; 0.7 central"),
@@ -71,7 +71,7 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "0.9 is the arithmetic-stream ceiling measured for MHA"),
     Assumption("host_dram_factor", 0.67, 1.0, 1.33, "x the profile's host DRAM read figure", True,
                "the T4/A10G hosts' reachable DRAM bandwidth is not published for these VMs; +-33% around "
-               "the per-core estimate of apexlib.profiling.hardware"),
+               "the per-core estimate of apexlib.costs.hardware"),
     Assumption("transfer_efficiency", 0.6, 0.8, 0.9, "of PCIe per-direction bandwidth", True,
                "pinned cudaMemcpyAsync reaches 60-90% of the PCIe 3/4 x16 link"),
     Assumption("per_layer_launch_seconds", 10e-6, 20e-6, 40e-6, "s per layer", False,

@@ -144,7 +144,7 @@ def _check_hybrid(where: str, section: Any) -> None:
 def validate_profile(profile: Any, where: str = "profile") -> None:
     """Raise :class:`ProfileError` (a ValueError) naming the table and the entry unless ``profile`` is a
     usable measured profile; ``where`` (a file name, say) starts the message."""
-    from apexlib.profiling.cost_model import PROFILE_SCHEMA  # here: cost_model calls this module
+    from apexlib.costs.table import PROFILE_SCHEMA  # here: the table loader calls this module
 
     if not isinstance(profile, Mapping):
         raise ProfileError(f"{where}: a profile is a JSON object, got {type(profile).__name__}")

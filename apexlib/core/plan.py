@@ -10,8 +10,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from apexlib.kvcache.manager import Tier
-from apexlib.request import SamplingParams
+from apexlib.core.request import SamplingParams
+
+
+class Tier(enum.Enum):
+    """Where a request's KV blocks live."""
+
+    GPU = "gpu"
+    CPU = "cpu"
 
 
 class OverlapMode(str, enum.Enum):

@@ -3,7 +3,7 @@
 ``key_cache(layer)`` / ``value_cache(layer)`` are contiguous per-layer views with the layout
 ``[num_blocks, block_size, num_kv_heads, head_dim]``. The host tier is pinned where CUDA exists so
 copies to and from the device can be asynchronous; an unpinned host tier lies on 2 MiB pages where
-the system allows it (:mod:`apexlib.kvcache.host_memory`: fewer TLB misses for the CPU attention
+the system allows it (:mod:`apexlib.runner.host_memory`: fewer TLB misses for the CPU attention
 kernel's scattered block reads). Block copies between tiers are batched: one
 gather and one scatter over all layers, not one call per block.
 """
@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from apexlib.kvcache.host_memory import host_empty
+from apexlib.runner.host_memory import host_empty
 
 logger = logging.getLogger(__name__)
 

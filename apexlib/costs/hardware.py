@@ -193,12 +193,12 @@ def get_hardware(name: str) -> HardwareSpec:
 def measure_dram_read_gbps(num_threads: int | None = None, megabytes: int = 256, repetitions: int = 5) -> float:
     """Median DRAM read bandwidth (GB/s) of the faster read loop of the CPU kernels' probe (needs torch).
 
-    The buffer lies on 2 MiB pages where possible, like the CPU KV tier (apexlib.kvcache.host_memory).
+    The buffer lies on 2 MiB pages where possible, like the CPU KV tier (apexlib.runner.host_memory).
     """
     import torch
 
     from apexlib.attention import cpu as cpu_attention
-    from apexlib.kvcache.host_memory import host_empty
+    from apexlib.runner.host_memory import host_empty
 
     buffer = host_empty((megabytes * 2**20 // 4,), torch.float32).fill_(1.0)
     median, _, _ = cpu_attention.measure_read_bandwidth(buffer, num_threads, repetitions)
