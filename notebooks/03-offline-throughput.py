@@ -1,0 +1,161 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Offline throughput: APEX vs NEO vs GPU-only (vLLM-like)
+#
+# The paper's main comparison over its workload grid (decode-heavy: short prompts, long outputs).
+#
+# * **Simulated** (this machine has no T4/A10): the engine's own scheduler and policies on a virtual
+#   clock, timed by a roofline cost model of each GPU + host (datasheet bandwidths; efficiency factors
+#   documented in `apexlib.costs`). The GPU KV pool is what the GPU has left after the fp16
+#   weights; the CPU tier is `cpu_kv_gib`. Every simulated figure says so.
+# * **Measured**: the same three policies through the real engine on this machine (device=cpu, the tiny
+#   demo model, a GPU tier squeezed to force CPU-resident requests), deciding on notebook 01's profile.
+
+# %% tags=["parameters"]
+# Parameters (papermill overrides these)
+quick = False            # a small grid (the CI smoke test); writes under build/quick/
+run_experiments = True   # False: rebuild the figures from data/results alone
+model_path = None        # a local checkpoint directory: real runs of that model where supported
+hardware_models = [("t4", "llama-2-7b"), ("a10g-16vcpu", "llama-2-7b"), ("a10g-16vcpu", "llama-3.1-8b")]
+policies = ["gpu_only", "neo_published", "neo", "apex"]
+cpu_kv_gib = 20.0
+prompt_centers = [128, 512]
+output_centers = [256, 1024]
+num_requests = 100        # per grid point, as NEO's evaluation scripts default to
+
+# %%
+EXPERIMENT = "03-offline-throughput"
+# the same setup in every notebook: not every notebook uses every import
+import json  # noqa: F401
+import logging
+from pathlib import Path  # noqa: F401
+
+import pandas as pd  # noqa: F401
+from IPython.display import display  # noqa: F401
+
+from apexlib import plots
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
+results_dir.mkdir(parents=True, exist_ok=True)
+print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+
+# %%
+from apexlib.core.models import model_config_for_shape
+from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
+from apexlib.workloads import get_preset, input_output_grid
+
+
+def roofline(hardware, model):
+    """The roofline cost model of ``model`` on ``hardware``, from its datasheet profile in data/profiles."""
+    return load_cost_model(datasheet_profile_path(hardware, "../data/profiles"),
+                           ModelShape.from_config(model_config_for_shape(model)), "float16")
+
+
+def summary_row(result, **labels):
+    row = next(r for r in result.rows if r["row_type"] == "summary")
+    return {**labels, **row}
+
+
+# %% [markdown]
+# ## Assumptions and their ranges
+#
+# The roofline needs numbers nobody has measured on these machines (efficiencies, host DRAM, copy and
+# launch costs). Each has a low, central and high value with its reason (`apexlib.costs.assumptions`);
+# every simulated bar is the central value, and its error bar the range of results between the two
+# corners of that box (`offload-adverse`: slow host beside an efficient GPU; `offload-friendly`: the
+# opposite).
+
+# %%
+from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
+from apexlib.sim.batch import SimulationJob, simulate_rows
+
+display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
+scenarios = SCENARIOS
+if quick:
+    hardware_models, prompt_centers, output_centers, num_requests = hardware_models[:1], [128], [256], 40
+    scenarios = ("central", "offload-adverse")
+simulated_path = results_dir / "simulated.csv"
+if run_experiments:
+    jobs = []
+    for hardware, model in hardware_models:
+        for workload in input_output_grid(prompt_centers, output_centers, num_requests=num_requests, seed=0):
+            for scenario in scenarios:
+                cost = scenario_cost_model(roofline(hardware, model), scenario)
+                for policy in policies:
+                    jobs.append(SimulationJob(
+                        workload, cost,
+                        dict(model=model, policy=policy, cpu_kv_gib=cpu_kv_gib, dtype="float16",
+                             max_model_len=workload.max_total_len),
+                        dict(hardware=hardware, model=model, policy=policy, scenario=scenario,
+                             setting=workload.name.removeprefix("grid-"))))
+    pd.DataFrame(simulate_rows(jobs, description="03 grid")).to_csv(simulated_path, index=False)
+simulated = pd.read_csv(simulated_path)
+keys = ["hardware", "model", "setting", "policy"]
+central = plots.with_scenario_range(simulated, keys=keys)
+gains = plots.gain_over_baseline(simulated, x="setting", by=("hardware", "model", "scenario"))
+best_other = (simulated[simulated["policy"] != "apex"].groupby(["hardware", "model", "setting", "scenario"])
+              ["output_throughput"].max().rename("best_baseline"))
+apex_ratio = simulated[simulated["policy"] == "apex"].join(best_other,
+                                                           on=["hardware", "model", "setting", "scenario"])
+apex_ratio["apex_over_best"] = apex_ratio["output_throughput"] / apex_ratio["best_baseline"]
+display(apex_ratio.pivot_table(index=["hardware", "model", "setting"], columns="scenario",
+                               values="apex_over_best").round(3))
+display(gains[gains["scenario"] == "central"].pivot_table(index=["hardware", "model", "setting"],
+                                                          columns="policy", values="gain_percent").round(1))
+
+# %%
+central["gpu / model"] = central["hardware"] + " · " + central["model"]
+caption = plots.provenance_caption(
+    executor="simulator",
+    source="roofline cost models of " + ", ".join(sorted(set(central["hardware"])))
+    + f" (+{cpu_kv_gib:g} GiB CPU KV); bars: central assumptions, error bars: their low..high corners",
+    model="Llama-2-7B / Llama-3.1-8B fp16 shapes",
+    workload=f"grid of prompt x output centers +-10%, {num_requests} requests, offline")
+fig = plots.throughput_by_policy(central, x="setting", col="gpu / model",
+                                 title="Offline output throughput (simulated)", caption=caption)
+plots.save_figure(fig, "03-offline-throughput-simulated", figures_dir)
+
+# %% [markdown]
+# ## Measured on this machine (device=cpu, tiny demo model)
+
+# %%
+from apexlib.bench.runner import BenchmarkSettings, run_benchmark
+
+measured_path = results_dir / "measured.csv"
+if run_experiments:
+    workload = get_preset("tiny-decode-heavy", num_requests=12 if quick else 48)
+    profile_path = plots.current_profile(quick)
+    rows = []
+    for policy in policies:
+        settings = BenchmarkSettings(model=model_path, policy=policy, device="cpu", dtype="float32",
+                                     num_gpu_blocks=24, num_cpu_blocks=2048, warmup_requests=2,
+                                     **({"cost_model": str(profile_path)} if policy != "gpu_only" else {}))
+        result = run_benchmark(workload, settings, progress=False, experiment=EXPERIMENT)
+        rows.append(summary_row(result, policy=policy, setting=workload.name))
+    pd.DataFrame(rows).to_csv(measured_path, index=False)
+measured = pd.read_csv(measured_path)
+display(measured[["policy", "output_throughput", "tpot_mean_s", "ttft_median_s", "engine_iterations",
+                  "engine_mode_counts"]])
+caption = plots.provenance_caption(
+    executor="engine",
+    source=f"{measured['cpu_model'].iloc[0]} ({measured['cpu_count'].iloc[0]} CPUs, device=cpu)",
+    model="tiny demo (random weights)",
+    workload=f"{measured['workload'].iloc[0]}, GPU tier squeezed to 24 blocks")
+fig = plots.throughput_by_policy(measured, x="setting", title="Offline output throughput (measured)",
+                                 caption=caption)
+plots.save_figure(fig, "03-offline-throughput-measured", figures_dir)

@@ -1,0 +1,162 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 · Online serving: throughput at preserved latency (simulated)
+#
+# Poisson arrivals at increasing rates through the engine's scheduler on a virtual clock (roofline cost
+# models). APEX's claim is higher throughput **at vLLM's latency**, so this notebook compares what each
+# policy serves while its latency holds an SLO, the comparison a serving paper makes.
+#
+# * **SLO**: TPOT p90 <= 1.5 x GPU-only's unloaded TPOT (one request alone on the same machine and model).
+# * **Throughput at the SLO**: over the request rates, the highest output throughput whose TPOT p90 meets
+#   the SLO (`apexlib.core.metrics.best_within_slo`).
+# * **APEX (SLO bound)**: APEX with its `iteration_time_bound` derived from the SLO: an iteration may take
+#   at most the SLO's TPOT, since every running decode waits one iteration per token.
+# * Llama-3.1-8B is shown on the A10G only: its fp16 weights (16 GB) do not fit a 16 GB T4.
+
+# %% tags=["parameters"]
+# Parameters (papermill overrides these)
+quick = False            # a small grid (the CI smoke test); writes under build/quick/
+run_experiments = True   # False: rebuild the figures from data/results alone
+model_path = None        # a local checkpoint directory: real runs of that model where supported
+combos = [("t4", "llama-2-7b"), ("a10g-16vcpu", "llama-2-7b"), ("a10g-16vcpu", "llama-3.1-8b")]
+rates_by_hardware = {"t4": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8],
+                     "a10g-16vcpu": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0]}
+policies = ["gpu_only", "neo_published", "neo", "apex"]
+prompt_len, output_len = 128, 512
+num_requests = 100
+slo_factor = 1.5
+cpu_kv_gib = 20.0
+
+# %%
+EXPERIMENT = "04-online-latency"
+# the same setup in every notebook: not every notebook uses every import
+import json  # noqa: F401
+import logging
+from pathlib import Path  # noqa: F401
+
+import pandas as pd  # noqa: F401
+from IPython.display import display  # noqa: F401
+
+from apexlib import plots
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
+results_dir.mkdir(parents=True, exist_ok=True)
+print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+
+# %%
+from apexlib.core.models import model_config_for_shape
+from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
+from apexlib.sim.simulator import simulate
+from apexlib.workloads import get_preset
+
+
+def roofline(hardware, model):
+    """The roofline cost model of ``model`` on ``hardware``, from its datasheet profile in data/profiles."""
+    return load_cost_model(datasheet_profile_path(hardware, "../data/profiles"),
+                           ModelShape.from_config(model_config_for_shape(model)), "float16")
+
+
+def summary_row(result, **labels):
+    row = next(r for r in result.rows if r["row_type"] == "summary")
+    return {**labels, **row}
+
+
+# %%
+from apexlib.core.metrics import best_within_slo
+from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
+from apexlib.sim.batch import SimulationJob, simulate_rows
+
+# The assumptions behind these curves: solid lines use the central values, faint ones the two corners
+display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
+scenarios = SCENARIOS
+if quick:
+    combos, num_requests, scenarios = combos[:1], 30, ("central",)
+    rates_by_hardware = {"t4": [0.1, 0.8]}
+path, slo_path = results_dir / "simulated.csv", results_dir / "slo.csv"
+
+
+def options(model, workload, policy, **extra):
+    return dict(model=model, policy=policy, cpu_kv_gib=cpu_kv_gib, dtype="float16",
+                max_model_len=workload.max_total_len, **extra)
+
+
+if run_experiments:
+    slos, jobs = [], []
+    for hardware, model in combos:
+        for scenario in scenarios:
+            cost = scenario_cost_model(roofline(hardware, model), scenario)
+            alone = get_preset("grid-point", prompt_len=prompt_len, output_len=output_len, num_requests=1,
+                               seed=0)
+            unloaded = summary_row(simulate(alone, cost_model=cost, **options(model, alone, "gpu_only")))
+            slo = slo_factor * unloaded["tpot_mean_s"]
+            slos.append({"hardware": hardware, "model": model, "scenario": scenario,
+                         "unloaded_tpot_s": unloaded["tpot_mean_s"], "slo_tpot_s": slo})
+            variants = [(p, p, {}) for p in policies] + [("apex_slo", "apex", {"iteration_time_bound": slo})]
+            for rate in rates_by_hardware[hardware]:
+                workload = get_preset("grid-point", prompt_len=prompt_len, output_len=output_len,
+                                      num_requests=num_requests, seed=0, arrival="poisson", rate=rate)
+                for label, policy, extra in variants:
+                    jobs.append(SimulationJob(workload, cost, options(model, workload, policy, **extra),
+                                              dict(hardware=hardware, model=model, policy=label, rate=rate,
+                                                   scenario=scenario)))
+    pd.DataFrame(simulate_rows(jobs, description="04 rates")).to_csv(path, index=False)
+    pd.DataFrame(slos).to_csv(slo_path, index=False)
+frame, slos = pd.read_csv(path), pd.read_csv(slo_path)
+frame["machine"] = frame["hardware"] + " · " + frame["model"]
+slos["machine"] = slos["hardware"] + " · " + slos["model"]
+rows = []
+for (machine, scenario, policy), part in frame.groupby(["machine", "scenario", "policy"], sort=False):
+    bound = float(slos.loc[(slos["machine"] == machine) & (slos["scenario"] == scenario),
+                           "slo_tpot_s"].iloc[0])
+    best = best_within_slo(part.to_dict("records"), bound=bound)
+    rows.append({"machine": machine, "scenario": scenario, "policy": policy, "slo_tpot_s": bound,
+                 "throughput_at_slo": best["output_throughput"] if best else 0.0,
+                 "at_rate": best["rate"] if best else None,
+                 "tpot_p90_s": best["tpot_p90_s"] if best else None,
+                 "ttft_p90_s": best["ttft_p90_s"] if best else None,
+                 "max_throughput_any_latency": part["output_throughput"].max()})
+at_slo = pd.DataFrame(rows)
+gpu_only = at_slo[at_slo["policy"] == "gpu_only"].set_index(["machine", "scenario"])["throughput_at_slo"]
+at_slo["gain_at_slo_percent"] = 100.0 * (
+    at_slo["throughput_at_slo"] / at_slo.set_index(["machine", "scenario"]).index.map(gpu_only) - 1.0)
+at_slo.to_csv(results_dir / "throughput_at_slo.csv", index=False)
+table = plots.with_scenario_range(at_slo, keys=["machine", "policy"], y="throughput_at_slo")
+table = table.join(at_slo.groupby(["machine", "policy"])["gain_at_slo_percent"].agg(["min", "max"])
+                   .rename(columns={"min": "gain_low", "max": "gain_high"}), on=["machine", "policy"])
+table["policy"] = table["policy"].map(plots.policy_label)
+display(slos.round(4))
+display(table[["machine", "policy", "slo_tpot_s", "throughput_at_slo", "throughput_at_slo_low",
+               "throughput_at_slo_high", "at_rate", "tpot_p90_s", "ttft_p90_s", "gain_at_slo_percent",
+               "gain_low", "gain_high"]].round(3))
+
+# %%
+plots.POLICY_LABELS.setdefault("apex_slo", "APEX (iteration bound = SLO)")
+caption = plots.provenance_caption(
+    executor="simulator",
+    source=f"roofline cost models (+{cpu_kv_gib:g} GiB CPU KV), "
+    f"solid: central assumptions, faint: their low..high corners; "
+    f"SLO: TPOT p90 <= {slo_factor:g} x GPU-only unloaded",
+    model="Llama-2-7B / Llama-3.1-8B fp16",
+    workload=f"prompts {prompt_len} / outputs {output_len} +-10%, {num_requests} requests, "
+    "Poisson arrivals (one point per rate)")
+central_slos = slos[slos["scenario"] == "central"]
+fig = plots.throughput_vs_latency(frame, panel="machine",
+                                  slo=dict(zip(central_slos["machine"], central_slos["slo_tpot_s"],
+                                               strict=True)),
+                                  title="Throughput vs latency percentiles (simulated)", caption=caption)
+plots.save_figure(fig, "04-online-latency", figures_dir)

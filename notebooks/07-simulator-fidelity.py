@@ -1,0 +1,106 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · Simulator fidelity
+#
+# The simulated figures are only as good as the simulator. Here the same workload runs through the
+# real engine on this machine (device=cpu, tiny demo model, squeezed GPU tier) and through the
+# simulator, per policy; the table reports the relative error of output throughput and mean TPOT.
+# Target: within 10% (`tests/test_fidelity.py` asserts it on every `make test`).
+#
+# The profile is measured here, right before the runs (`fresh_profile`): this VM's speed drifts by
+# 5-10% over minutes, which would otherwise be counted as simulator error. The drift between this
+# profile and notebook 01's is printed next to the table.
+
+# %% tags=["parameters"]
+# Parameters (papermill overrides these)
+quick = False            # a small grid (the CI smoke test); writes under build/quick/
+run_experiments = True   # False: rebuild the figures from data/results alone
+model_path = None        # a local checkpoint directory: real runs of that model where supported
+policies = ["gpu_only", "neo", "apex"]
+num_requests = 32
+fresh_profile = True     # measure the profile here, right before the runs (False: notebook 01's)
+
+# %%
+EXPERIMENT = "07-simulator-fidelity"
+# the same setup in every notebook: not every notebook uses every import
+import json  # noqa: F401
+import logging
+from pathlib import Path  # noqa: F401
+
+import pandas as pd  # noqa: F401
+from IPython.display import display  # noqa: F401
+
+from apexlib import plots
+
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
+results_dir.mkdir(parents=True, exist_ok=True)
+print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+
+# %%
+import statistics
+
+from apexlib.bench.fidelity import fidelity
+from apexlib.bench.runner import BenchmarkSettings
+from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
+from apexlib.workloads import get_preset
+
+if quick:
+    num_requests = 8
+path = results_dir / "fidelity.csv"
+if run_experiments:
+    profile_path = plots.current_profile(quick)
+    if fresh_profile:
+        fresh = profile_model(ProfileSettings(model=model_path or "demo", quick=quick, progress=False,
+                                              command="notebook 07 (fresh profile)"))
+        reference = json.loads(Path(profile_path).read_text())["tables"]
+        ratios = [a / b for name in ("linear", "sample")
+                  for a, b in zip(fresh["tables"][name]["seconds"], reference[name]["seconds"], strict=False)
+                  if b > 0]
+        print(f"drift since notebook 01's profile: linear/sample tables "
+              f"x{statistics.median(ratios):.3f} (median)")
+        profile_path = write_profile(fresh, results_dir / "profile.json")
+    workload = get_preset("tiny-decode-heavy", num_requests=num_requests)
+    settings = BenchmarkSettings(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,
+                                 num_cpu_blocks=2048, warmup_requests=2)
+    table = fidelity(workload, settings, profile_path, policies=policies)
+    table.assign(profile=str(profile_path)).to_csv(path, index=False)
+table = pd.read_csv(path)
+display(table[["policy", "engine_output_throughput", "sim_output_throughput", "error_output_throughput",
+               "engine_tpot_mean_s", "sim_tpot_mean_s", "error_tpot_mean_s", "iteration_error_median",
+               "engine_mode_counts", "load_average_1min"]])
+
+# %%
+import matplotlib.pyplot as plt
+import seaborn as sns
+
+error_columns = {"error_output_throughput": "output throughput", "error_tpot_mean_s": "mean TPOT"}
+long = table.melt(id_vars=["policy"], value_vars=list(error_columns), var_name="metric",
+                  value_name="relative_error")
+long["metric"] = long["metric"].map(error_columns)
+fig, axis = plt.subplots(figsize=(6, 3.4))
+sns.barplot(data=long, x="policy", y="relative_error", hue="metric", ax=axis)
+axis.axhline(0.1, color="grey", linestyle="--", linewidth=0.8)
+axis.axhline(-0.1, color="grey", linestyle="--", linewidth=0.8)
+axis.set_ylabel("(simulated - measured) / measured")
+caption = plots.provenance_caption(
+    executor="engine",
+    source="this machine (device=cpu) vs the simulator "
+    f"with the profile {Path(table['profile'].iloc[0]).name} measured before the runs",
+    model="tiny demo", workload=f"tiny-decode-heavy, {num_requests} requests")
+fig = plots._finish(fig, "Simulator vs real engine", caption)
+plots.save_figure(fig, "07-simulator-fidelity", figures_dir)
