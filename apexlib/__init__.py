@@ -11,8 +11,8 @@ from typing import Any
 
 from apexlib.core.config import EngineConfig
 from apexlib.core.request import RequestOutput, SamplingParams
+from apexlib.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams", "__version__"]
 
 

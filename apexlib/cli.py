@@ -1,5 +1,8 @@
 """The ``apex`` command: generate, serve, tiny, env, bench (engine, serve, cpu-attention), profile, simulate,
-gpu-check."""
+gpu-check.
+
+Size: one parser of many subcommands; every engine flag comes from one table (``EngineArgs``' fields and
+``ENGINE_ARG_HELP``, :func:`add_engine_arguments`), each handler only wires flags to library calls."""
 
 from __future__ import annotations
 
@@ -8,17 +11,78 @@ import json
 import logging
 import sys
 from pathlib import Path
-
-from apexlib.core.config import DEFAULT_CPU_JOB_TIMEOUT
+from typing import Any
 
 logger = logging.getLogger("apexlib.cli")
+
+
+# -- the engine's flags: one per EngineArgs field, from its fields and ENGINE_ARG_HELP --------------------
+def _flag(name: str) -> str:
+    return "--policy-option" if name == "policy_options" else "--" + name.replace("_", "-")
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE as JSON where it parses (numbers, true/false, null), else a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--policy-option takes NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = (),
+                         grid: tuple[str, ...] = (), defaults: dict[str, Any] | None = None) -> None:
+    """One flag per ``EngineArgs`` field not in ``skip``; ``grid`` fields take several values (a grid
+    dimension of ``bench``/``simulate``); ``defaults`` replace the fields' own defaults."""
+    import dataclasses
+
+    from apexlib.engine.args import ENGINE_ARG_HELP, EngineArgs
+    from apexlib.policies.registry import POLICY_NAMES
+
+    defaults = defaults or {}
+    for field in dataclasses.fields(EngineArgs):
+        name = field.name
+        if name in skip:
+            continue
+        default = defaults.get(name, field.default)
+        help_text = ENGINE_ARG_HELP[name]
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "default": default}
+        kind = str(field.type)
+        if name == "policy_options":
+            kwargs.update(action="append", type=_parse_option, default=[], metavar="NAME=VALUE")
+        elif name == "cpu_attention_cpus":
+            kwargs.update(type=lambda text: tuple(int(cpu) for cpu in text.split(",")), metavar="ID,ID,...")
+        elif kind == "bool":
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        else:
+            kwargs["type"] = int if kind.startswith("int") else float if kind.startswith("float") else str
+            if name == "policy":
+                kwargs["choices"] = POLICY_NAMES
+        if name in grid:
+            kwargs.update(nargs="+", default=[default] if default is not None else None,
+                          help=help_text + " (several: a grid dimension)")
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def engine_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
+    """The ``EngineArgs`` keywords a parser built by :func:`add_engine_arguments` collected."""
+    import dataclasses
+
+    from apexlib.engine.args import EngineArgs
+
+    kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(args, f.name)}
+    if "policy_options" in kwargs:
+        kwargs["policy_options"] = dict(kwargs["policy_options"] or [])
+    kwargs.update(overrides)
+    return kwargs
 
 
 def _generate(args: argparse.Namespace) -> int:
     from apexlib import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len, seed=args.seed,
-              policy=args.policy)
+    llm = LLM(**engine_kwargs(args))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sampling_seed)
     prompts = args.prompt or []
@@ -39,16 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
     from apexlib.engine.args import EngineArgs
     from apexlib.serve.server import serve
 
-    cpus = tuple(int(c) for c in args.cpu_attention_cpus.split(",")) if args.cpu_attention_cpus else None
-    engine_args = EngineArgs(
-        model=args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-        num_gpu_blocks=args.num_gpu_blocks, num_cpu_blocks=args.num_cpu_blocks, gpu_kv_gib=args.gpu_kv_gib,
-        cpu_kv_gib=args.cpu_kv_gib, policy=args.policy, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_chunked_prefill=not args.no_chunked_prefill, seed=args.seed,
-        cpu_attention_threads=args.cpu_attention_threads, cpu_attention_cpus=cpus, hybrid_mode=args.hybrid_mode,
-        cpu_placement=args.cpu_placement, attention_backend=args.attention_backend, cost_model=args.cost_model,
-        iteration_time_bound=args.iteration_time_bound, cpu_attention_timeout=args.cpu_attention_timeout)
+    engine_args = EngineArgs(**engine_kwargs(args))
     return serve(engine_args, host=args.host, port=args.port,
                  served_model_names=tuple(args.served_model_name) if args.served_model_name else None,
                  max_waiting=args.max_waiting, drain_timeout=args.drain_timeout,
@@ -85,23 +140,21 @@ def _bench(args: argparse.Namespace) -> int:
 def _bench_serve(args: argparse.Namespace) -> int:
     """``apex bench serve --base-url URL --model PATH ...``: a workload over HTTP (streaming), per rate."""
 
-    from apexlib.bench.runner import BenchmarkSettings, load_workload
+    from apexlib.bench.benchmark import load_workload
     from apexlib.bench.serve_client import run_serve_benchmark
+    from apexlib.engine.settings import BenchmarkSettings
 
     if not args.base_url:
         raise SystemExit("apex bench serve: give --base-url (e.g. http://127.0.0.1:8000)")
-    if not args.model:
-        raise SystemExit("apex bench serve: give --model, the checkpoint the server runs (its vocabulary)")
     results = []
     for workload_name in args.workload:
         for rate in args.rate or [None]:
             offline = rate is not None and rate <= 0
             workload = load_workload(workload_name, num_requests=args.num_requests,
-                                     rate=None if offline else rate, arrival=args.arrival, seed=args.seed)
-            settings = BenchmarkSettings(model=args.model, policy=args.policy, device=args.device, dtype=args.dtype,
-                                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                                         max_model_len=args.max_model_len, token_seed=args.token_seed,
-                                         warmup_requests=args.warmup)
+                                     rate=None if offline else rate, arrival=args.arrival, seed=args.workload_seed)
+            # what the server runs, for the rows (the client sends prompts; the server's own settings apply)
+            settings = BenchmarkSettings.create(**engine_kwargs(args, num_gpu_blocks=(args.num_gpu_blocks or [None])[0]),
+                                                token_seed=args.token_seed, warmup_requests=args.warmup)
             results.append(run_serve_benchmark(args.base_url, workload, settings,
                                                mode="offline" if offline else args.mode,
                                                experiment=args.experiment, engine=args.engine_label,
@@ -134,34 +187,24 @@ def _bench_engine(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from apexlib.bench.runner import (
-        BenchmarkSettings,
-        default_model_path,
-        load_workload,
-        run_benchmark,
-    )
+    from apexlib.bench.benchmark import load_workload, run_benchmark
+    from apexlib.engine.settings import BenchmarkSettings
 
     err = Console(stderr=True)
-    model = args.model
-    if model is None:
-        model = default_model_path()
-        err.print(f"[yellow]model: the embedded tiny 'demo' checkpoint[/] ({model}); pass --model for a real one")
+    if args.model == "demo":
+        err.print("[yellow]model: the embedded tiny 'demo' checkpoint[/]; pass --model for a real one")
     loads = args.rate or [None]
     budgets = args.num_gpu_blocks or [None]
     results, skipped = [], []
     for engine, workload_name, rate, blocks in itertools.product(args.engine, args.workload, loads, budgets):
         offline = rate is not None and rate <= 0
         workload = load_workload(workload_name, num_requests=args.num_requests,
-                                 rate=None if offline else rate, arrival=args.arrival, seed=args.seed)
-        settings = BenchmarkSettings(
-            model=model, policy=args.policy, device=args.device, dtype=args.dtype, block_size=args.block_size,
-            num_gpu_blocks=blocks, num_cpu_blocks=args.num_cpu_blocks, gpu_kv_gib=args.gpu_kv_gib,
-            cpu_kv_gib=args.cpu_kv_gib, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            seed=args.engine_seed, token_seed=args.token_seed, warmup_requests=args.warmup)
+                                 rate=None if offline else rate, arrival=args.arrival, seed=args.workload_seed)
+        settings = BenchmarkSettings.create(**engine_kwargs(args, num_gpu_blocks=blocks), token_seed=args.token_seed,
+                                            warmup_requests=args.warmup)
         mode = "offline" if offline else args.mode
         if engine == "vllm":
-            from apexlib.bench.vllm_runner import VllmUnavailable, run_vllm_benchmark
+            from apexlib.bench.vllm_baseline import VllmUnavailable, run_vllm_benchmark
 
             try:
                 results.append(run_vllm_benchmark(workload, settings, mode=mode, experiment=args.experiment,
@@ -185,14 +228,8 @@ def _profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from apexlib.costs import TableCostModel
-    from apexlib.profiling.profiler import (
-        ProfileSettings,
-        check_profile,
-        default_profile_path,
-        default_workload,
-        profile_model,
-        write_profile,
-    )
+    from apexlib.profiling.accuracy import check_profile, default_workload
+    from apexlib.profiling.profiler import ProfileSettings, default_profile_path, profile_model, write_profile
 
     if args.datasheet:
         from apexlib.costs import write_datasheet_profiles
@@ -202,7 +239,7 @@ def _profile(args: argparse.Namespace) -> int:
         return 0
     settings = ProfileSettings(model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
                                quick=args.quick, repetitions=args.repetitions, warmup=args.warmup,
-                               progress=not args.no_progress,
+                               seed=args.seed, progress=not args.no_progress,
                                command="apex profile " + " ".join(shlex.quote(a) for a in args.argv))
     if args.from_profile:
         path = Path(args.from_profile)
@@ -235,48 +272,41 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from apexlib.bench.benchmark import load_workload
     from apexlib.bench.report import print_summary
-    from apexlib.bench.runner import load_workload
     from apexlib.core.models import resolve_model_config
     from apexlib.core.results import write_results
-    from apexlib.costs import ModelShape, RooflineCostModel, TableCostModel, load_cost_model
+    from apexlib.costs import ModelShape, TableCostModel
+    from apexlib.engine.settings import BenchmarkSettings
+    from apexlib.runner.machine import machine_cost_model
     from apexlib.sim.simulator import simulate
 
     model_config = resolve_model_config(args.model)
-    if (args.hardware is None) == (args.profile is None):
-        raise ValueError("give exactly one of --hardware NAME (a roofline of a datasheet spec) or --profile PATH")
+    if args.cost_model is None:
+        raise ValueError("apex simulate needs --cost-model: 'roofline:<hardware>' (t4, a10g-8vcpu, ..., h100-sxm, "
+                         "this-machine), a datasheet or measured profile JSON, or 'zero'")
     dtype = args.dtype if args.dtype != "auto" else model_config.checkpoint_dtype
-    if args.profile is not None:
-        cost_model = load_cost_model(args.profile, ModelShape.from_config(model_config), dtype)
-        profiled_device = (str(cost_model.profile.get("provenance", {}).get("device", "cuda"))
-                           if isinstance(cost_model, TableCostModel) else "cuda")
-        device_kind = "cpu" if profiled_device == "cpu" else "cuda"
-        if isinstance(cost_model, TableCostModel) and \
-                cost_model.model_shape.to_dict() | {"name": ""} != ModelShape.from_config(model_config).to_dict() | {"name": ""}:
-            logger.warning("profile %s was measured on model shape %s, simulating %s", args.profile,
+    shape = ModelShape.from_config(model_config)
+    cost_model = machine_cost_model(args.cost_model, shape, dtype, "cpu" if args.device == "cpu" else "cuda")
+    if isinstance(cost_model, TableCostModel):
+        measured_on = str(cost_model.profile.get("provenance", {}).get("device", "cuda"))
+        if cost_model.model_shape.to_dict() | {"name": ""} != shape.to_dict() | {"name": ""}:
+            logger.warning("profile %s was measured on model shape %s, simulating %s", args.cost_model,
                            cost_model.model_shape, model_config.path)
     else:
-        from apexlib.costs.hardware import get_hardware
-
-        cost_model = RooflineCostModel(get_hardware(args.hardware), ModelShape.from_config(model_config), dtype)
-        device_kind = "cpu" if args.hardware == "this-machine" else "cuda"
-    if args.device_kind != "auto":
-        device_kind = args.device_kind
-    options = {}
-    if args.iteration_time_bound is not None:
-        options["iteration_time_bound"] = args.iteration_time_bound
+        measured_on = "cpu" if args.cost_model == "roofline:this-machine" else "cuda"
+    # auto: the device the cost model describes (a device=cpu profile, this machine's roofline: no copies)
+    device = ("cpu" if measured_on == "cpu" else "cuda") if args.device == "auto" else args.device
     results = []
     for policy, workload_name, rate in itertools.product(args.policy, args.workload, args.rate or [None]):
         offline = rate is not None and rate <= 0
         workload = load_workload(workload_name, num_requests=args.num_requests, rate=None if offline else rate,
-                                 arrival=args.arrival, seed=args.seed)
-        results.append(simulate(
-            workload, model=model_config, policy=policy, cost_model=cost_model, num_gpu_blocks=args.num_gpu_blocks,
-            gpu_kv_gib=args.gpu_kv_gib, num_cpu_blocks=args.num_cpu_blocks, cpu_kv_gib=args.cpu_kv_gib,
-            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            device_kind=device_kind, dtype=dtype, mode="offline" if offline else args.mode,
-            experiment=args.experiment, token_seed=args.token_seed, **options))
+                                 arrival=args.arrival, seed=args.workload_seed)
+        settings = BenchmarkSettings.create(**engine_kwargs(args, model=model_config.path, policy=policy,
+                                                            device=device, dtype=dtype, cost_model=None),
+                                            token_seed=args.token_seed, warmup_requests=0)
+        results.append(simulate(workload, settings, cost_model=cost_model, mode="offline" if offline else args.mode,
+                                experiment=args.experiment))
     experiment = args.experiment or (results[0].experiment if len(results) == 1 else
                                      "sim-grid-" + results[0].provenance["date_utc"][:19].replace(":", ""))
     directory = write_results(results, args.out, experiment)
@@ -321,13 +351,20 @@ def _gpu_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_field_names() -> tuple[str, ...]:
+    import dataclasses
+
+    from apexlib.engine.args import EngineArgs
+
+    return tuple(f.name for f in dataclasses.fields(EngineArgs))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apex", description="apexlib: hybrid CPU-GPU LLM inference (APEX)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="complete prompts with a checkpoint")
-    generate.add_argument("--model", required=True, help="Hugging Face LLaMA checkpoint directory")
     generate.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     generate.add_argument("--prompt-token-ids", help="comma-separated token ids (for checkpoints without a tokenizer)")
     generate.add_argument("--max-tokens", type=int, default=32)
@@ -335,11 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--top-k", type=int, default=-1)
     generate.add_argument("--sampling-seed", type=int, default=None)
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--dtype", default="auto")
-    generate.add_argument("--device", default="auto")
-    generate.add_argument("--policy", default="gpu_only")
-    generate.add_argument("--max-model-len", type=int, default=None)
+    add_engine_arguments(generate, defaults={"model": "demo"})
     generate.set_defaults(handler=_generate)
 
     tiny = commands.add_parser("tiny", help="write a deterministic tiny LLaMA checkpoint")
@@ -366,9 +399,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine-label", default=None, help="serve: engine column (default: the server's owned_by)")
     bench.add_argument("--max-concurrency", type=int, default=None, help="serve: at most this many requests in "
                                                                          "flight (default: unbounded)")
-    bench.add_argument("--model", default=None,
-                       help="checkpoint directory (default: the embedded tiny 'demo' checkpoint)")
-    bench.add_argument("--policy", default="gpu_only")
     bench.add_argument("--workload", nargs="+", default=["tiny-smoke"],
                        help="preset name(s) from apexlib.workloads.PRESETS or workload JSONL path(s)")
     bench.add_argument("--num-requests", type=int, default=None, help="override the preset's request count")
@@ -379,24 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--mode", choices=["auto", "offline", "online"], default="auto",
                        help="offline: add all requests at once; online: respect arrival times (auto: online when "
                             "some request arrives after 0)")
-    bench.add_argument("--seed", type=int, default=None, help="workload seed (presets only)")
+    bench.add_argument("--workload-seed", type=int, default=None, help="workload seed (presets only)")
     bench.add_argument("--token-seed", type=int, default=0, help="seed of the prompt token ids")
-    bench.add_argument("--engine-seed", type=int, default=0)
     bench.add_argument("--engine", nargs="+", choices=["apexlib", "vllm"], default=["apexlib"],
                        help="engine(s); vllm runs in its own venv (make vllm-cpu-venv) and is skipped with the "
                             "reason where it cannot run")
     bench.add_argument("--vllm-python", default=None, help="python of a venv with vLLM (default: see vllm_runner)")
-    bench.add_argument("--device", default="auto")
-    bench.add_argument("--dtype", default="auto")
-    bench.add_argument("--block-size", type=int, default=16)
-    bench.add_argument("--num-gpu-blocks", type=int, nargs="+", default=None,
-                       help="GPU-tier KV block budget(s) (a grid dimension)")
-    bench.add_argument("--gpu-kv-gib", type=float, default=None)
-    bench.add_argument("--num-cpu-blocks", type=int, default=None)
-    bench.add_argument("--cpu-kv-gib", type=float, default=None)
-    bench.add_argument("--max-num-seqs", type=int, default=256)
-    bench.add_argument("--max-num-batched-tokens", type=int, default=None)
-    bench.add_argument("--max-model-len", type=int, default=None)
+    add_engine_arguments(bench, grid=("num_gpu_blocks",), defaults={"model": "demo"})
     bench.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run (not counted)")
     bench.add_argument("--out", default=None, help="results root (default: data/results)")
     bench.add_argument("--experiment", default=None, help="results subfolder name (default: derived from the run)")
@@ -408,7 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serves POST /v1/completions, POST /v1/chat/completions (streaming with SSE), GET /v1/models, "
                     "GET /health and GET /metrics (Prometheus) over one engine owned by a background thread. "
                     "SIGTERM drains the requests in flight (--drain-timeout) and exits 0.")
-    serve.add_argument("--model", required=True, help="checkpoint directory")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     serve.add_argument("--served-model-name", nargs="+", default=None,
@@ -421,28 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="failed engine iterations retried before the requests they touched are failed")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (info: access log)")
-    serve.add_argument("--policy", default="gpu_only", help="gpu_only, hybrid, neo, apex")
-    serve.add_argument("--cost-model", default=None,
-                       help="neo/apex: a profile JSON, 'roofline:<hardware>' or 'zero'")
-    serve.add_argument("--iteration-time-bound", type=float, default=None, help="apex: TPOT bound in seconds")
-    serve.add_argument("--hybrid-mode", default="async_overlap", help="async_overlap or asymmetric_pipeline")
-    serve.add_argument("--cpu-placement", default="overflow", help="overflow or cpu")
-    serve.add_argument("--dtype", default="auto")
-    serve.add_argument("--device", default="auto")
-    serve.add_argument("--block-size", type=int, default=16)
-    serve.add_argument("--num-gpu-blocks", type=int, default=None)
-    serve.add_argument("--num-cpu-blocks", type=int, default=None)
-    serve.add_argument("--gpu-kv-gib", type=float, default=None)
-    serve.add_argument("--cpu-kv-gib", type=float, default=None)
-    serve.add_argument("--max-model-len", type=int, default=None)
-    serve.add_argument("--max-num-seqs", type=int, default=256)
-    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
-    serve.add_argument("--no-chunked-prefill", action="store_true")
-    serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--cpu-attention-threads", type=int, default=None)
-    serve.add_argument("--cpu-attention-cpus", default=None, help="comma-separated CPU ids of the CPU-attention worker")
-    serve.add_argument("--cpu-attention-timeout", type=float, default=DEFAULT_CPU_JOB_TIMEOUT)
-    serve.add_argument("--attention-backend", default="auto")
+    add_engine_arguments(serve)
     serve.set_defaults(handler=_serve)
 
     profile = commands.add_parser(
@@ -450,10 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs synthetic iterations through the real runner (hybrid engine, subtask profiling) and "
                     "writes the cost-model tables with provenance; --check runs a workload through the engine "
                     "and reports the table cost model's iteration-time error per execution mode.")
-    profile.add_argument("--model", default="demo", help="checkpoint directory or tiny preset (default: demo)")
-    profile.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    profile.add_argument("--dtype", default="auto")
-    profile.add_argument("--block-size", type=int, default=16)
+    # the profiler builds its own engines (a hybrid one, measured subtask by subtask): only these apply
+    add_engine_arguments(profile, defaults={"model": "demo", "device": "cpu"},
+                         skip=tuple(name for name in _engine_field_names() if name not in ("model", "device", "dtype",
+                                                                                   "block_size", "seed")))
     profile.add_argument("--out", default=None, help="output JSON (default: data/profiles/<device>-<model>.json)")
     profile.add_argument("--quick", action="store_true", help="a small grid (tests, smoke runs)")
     profile.add_argument("--repetitions", type=int, default=5, help="timed runs per point (median)")
@@ -463,7 +460,6 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--check-requests", type=int, default=24)
     profile.add_argument("--check-gpu-blocks", type=int, default=64,
                          help="GPU-tier blocks of the check engines (small, so CPU-tier decodes happen)")
-    profile.add_argument("--seed", type=int, default=0)
     profile.add_argument("--no-progress", action="store_true")
     profile.add_argument("--datasheet", action="store_true",
                          help="write the datasheet (roofline) profiles of every known GPU + host instead of "
@@ -477,34 +473,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "profile, --profile). Prints the same summary table as `apex bench` and writes the same rows "
                     "(plus executor=simulator and the cost model's provenance) and iterations.csv to "
                     "OUT/EXPERIMENT/.")
-    simulate.add_argument("--policy", nargs="+", default=["gpu_only"], help="policy name(s) (a grid dimension)")
     simulate.add_argument("--workload", nargs="+", default=["tiny-decode-heavy"],
                           help="preset name(s) from apexlib.workloads.PRESETS or workload JSONL path(s)")
-    simulate.add_argument("--model", default="tiny-demo",
-                          help="model shape (tiny-demo, llama-2-7b, llama-3.1-8b) or a checkpoint directory")
-    simulate.add_argument("--hardware", default=None,
-                          help="roofline of a datasheet spec: t4, a10g-8vcpu, ..., h100-sxm, or this-machine")
-    simulate.add_argument("--profile", default=None, help="a profile JSON from `apex profile` (TableCostModel)")
-    simulate.add_argument("--device-kind", choices=["auto", "cuda", "cpu"], default="auto",
-                          help="cuda: PCIe copies are counted; cpu: none (auto: cpu for this-machine or a "
-                               "device=cpu profile)")
-    simulate.add_argument("--dtype", default="auto", help="float16, bfloat16, float32 (auto: the model's)")
+    add_engine_arguments(simulate, grid=("policy",),
+                         skip=("cpu_attention_threads", "cpu_attention_cpus", "cpu_attention_timeout",
+                               "attention_backend", "profile_subtasks", "seed"),
+                         defaults={"model": "tiny-demo", "cost_model": None})
     simulate.add_argument("--num-requests", type=int, default=None, help="override the preset's request count")
     simulate.add_argument("--rate", type=float, nargs="+", default=None,
                           help="request rate(s) in req/s (0 = offline); default: the workload's own arrivals")
     simulate.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson")
     simulate.add_argument("--mode", choices=["auto", "offline", "online"], default="auto")
-    simulate.add_argument("--seed", type=int, default=None, help="workload seed (presets only)")
+    simulate.add_argument("--workload-seed", type=int, default=None, help="workload seed (presets only)")
     simulate.add_argument("--token-seed", type=int, default=0)
-    simulate.add_argument("--block-size", type=int, default=16)
-    simulate.add_argument("--num-gpu-blocks", type=int, default=None)
-    simulate.add_argument("--gpu-kv-gib", type=float, default=None)
-    simulate.add_argument("--num-cpu-blocks", type=int, default=None)
-    simulate.add_argument("--cpu-kv-gib", type=float, default=None)
-    simulate.add_argument("--max-num-seqs", type=int, default=256)
-    simulate.add_argument("--max-num-batched-tokens", type=int, default=None)
-    simulate.add_argument("--max-model-len", type=int, default=None)
-    simulate.add_argument("--iteration-time-bound", type=float, default=None, help="apex: TPOT bound in seconds")
     simulate.add_argument("--out", default=None, help="results root (default: data/results)")
     simulate.add_argument("--experiment", default=None, help="results subfolder name (default: derived)")
     simulate.add_argument("--no-iterations", action="store_true", help="do not write iterations.csv")

@@ -1,6 +1,6 @@
 """The figure functions the notebooks call (seaborn). Each figure states how its numbers were made.
 
-Every function takes a tidy DataFrame (summary rows from ``apexlib.bench.runner`` or
+Every function takes a tidy DataFrame (summary rows from ``apexlib.bench.benchmark`` or
 ``apexlib.sim.simulator``), draws one figure and returns it; ``save_figure`` writes it to
 ``figures/<name>.png`` and ``.pdf``. The caption is mandatory: a figure must say whether it is
 measured (on which device) or simulated (from which cost model / hardware profile), the model and
@@ -256,8 +256,7 @@ def output_paths(experiment: str, quick: bool, root: str | Path = "..") -> tuple
 def find_profile(directory: str | Path, model_label: str = "tiny-demo") -> Path:
     """The profile of ``model_label`` measured on this machine's CPU if there is one, else any profile
     of that model (device=cpu profiles are named ``cpu-<cpu>-<model>.json`` by ``apex profile``)."""
-    from apexlib.envinfo import cpu_info
-    from apexlib.profiling.profiler import cpu_short_name
+    from apexlib.core.host import cpu_info, cpu_short_name
 
     directory = Path(directory)
     info = cpu_info()

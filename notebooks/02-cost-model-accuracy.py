@@ -49,7 +49,8 @@ print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve()
 
 # %%
 from apexlib.costs import TableCostModel
-from apexlib.profiling.profiler import ProfileSettings, check_profile
+from apexlib.profiling.accuracy import check_profile
+from apexlib.profiling.profiler import ProfileSettings
 
 profile_path = plots.current_profile(quick)
 rows_path = results_dir / "iterations.csv"

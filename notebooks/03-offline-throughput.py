@@ -134,7 +134,8 @@ plots.save_figure(fig, "03-offline-throughput-simulated", figures_dir)
 # ## Measured on this machine (device=cpu, tiny demo model)
 
 # %%
-from apexlib.bench.runner import BenchmarkSettings, run_benchmark
+from apexlib.bench.benchmark import run_benchmark
+from apexlib.engine.settings import BenchmarkSettings
 
 measured_path = results_dir / "measured.csv"
 if run_experiments:
@@ -142,9 +143,9 @@ if run_experiments:
     profile_path = plots.current_profile(quick)
     rows = []
     for policy in policies:
-        settings = BenchmarkSettings(model=model_path, policy=policy, device="cpu", dtype="float32",
-                                     num_gpu_blocks=24, num_cpu_blocks=2048, warmup_requests=2,
-                                     **({"cost_model": str(profile_path)} if policy != "gpu_only" else {}))
+        settings = BenchmarkSettings.create(model=model_path, policy=policy, device="cpu", dtype="float32",
+                                            num_gpu_blocks=24, num_cpu_blocks=2048, warmup_requests=2,
+                                            cost_model=str(profile_path))
         result = run_benchmark(workload, settings, progress=False, experiment=EXPERIMENT)
         rows.append(summary_row(result, policy=policy, setting=workload.name))
     pd.DataFrame(rows).to_csv(measured_path, index=False)

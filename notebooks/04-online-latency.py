@@ -90,9 +90,9 @@ if quick:
 path, slo_path = results_dir / "simulated.csv", results_dir / "slo.csv"
 
 
-def options(model, workload, policy, **extra):
+def options(model, workload, policy, **policy_options):
     return dict(model=model, policy=policy, cpu_kv_gib=cpu_kv_gib, dtype="float16",
-                max_model_len=workload.max_total_len, **extra)
+                max_model_len=workload.max_total_len, policy_options=policy_options)
 
 
 if run_experiments:

@@ -69,11 +69,11 @@ def summary_row(result, **labels):
 # %%
 variants = {
     "gpu_only": dict(policy="gpu_only"),
-    "fixed async overlap": dict(policy="hybrid", hybrid_mode="async_overlap"),
-    "fixed pipeline": dict(policy="hybrid", hybrid_mode="asymmetric_pipeline"),
+    "fixed async overlap": dict(policy="hybrid", policy_options={"hybrid_mode": "async_overlap"}),
+    "fixed pipeline": dict(policy="hybrid", policy_options={"hybrid_mode": "asymmetric_pipeline"}),
     "NEO (published runtime)": dict(policy="neo_published"),
     "NEO policy on apexlib's runtime": dict(policy="neo"),
-    "apex (overlap only)": dict(policy="apex", enable_pipeline=False),
+    "apex (overlap only)": dict(policy="apex", policy_options={"enable_pipeline": False}),
     "apex": dict(policy="apex"),
 }
 if quick:

@@ -111,7 +111,7 @@ display(frame.style.format({"decision_seconds": "{:.2e}", "predicted_iteration_s
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from apexlib.envinfo import cpu_info
+from apexlib.core.host import cpu_info
 
 fig, axis = plt.subplots(figsize=(5.5, 3.4))
 sns.lineplot(data=frame, x="cpu_decodes", y="overhead_fraction", hue="policy", marker="o", ax=axis)

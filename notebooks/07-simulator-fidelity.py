@@ -55,7 +55,7 @@ print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve()
 import statistics
 
 from apexlib.bench.fidelity import fidelity
-from apexlib.bench.runner import BenchmarkSettings
+from apexlib.engine.settings import BenchmarkSettings
 from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
 from apexlib.workloads import get_preset
 
@@ -75,8 +75,8 @@ if run_experiments:
               f"x{statistics.median(ratios):.3f} (median)")
         profile_path = write_profile(fresh, results_dir / "profile.json")
     workload = get_preset("tiny-decode-heavy", num_requests=num_requests)
-    settings = BenchmarkSettings(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,
-                                 num_cpu_blocks=2048, warmup_requests=2)
+    settings = BenchmarkSettings.create(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,
+                                        num_cpu_blocks=2048, warmup_requests=2)
     table = fidelity(workload, settings, profile_path, policies=policies)
     table.assign(profile=str(profile_path)).to_csv(path, index=False)
 table = pd.read_csv(path)

@@ -132,7 +132,7 @@ def test_progress_bound_holds_in_a_cpu_bound_run(t4_llama2, monkeypatch):
     monkeypatch.setattr(ApexPolicy, "decide", recording)
     workload = get_preset("grid-point", prompt_len=128, output_len=256, num_requests=48, seed=0)
     result = simulate(workload, model="llama-2-7b", policy="apex", cost_model=t4_llama2, cpu_kv_gib=4.0,
-                      max_stall_iterations=4, max_model_len=workload.max_total_len, record_iterations=False)
+                      policy_options={"max_stall_iterations": 4}, max_model_len=workload.max_total_len, record_iterations=False)
     assert result.summary.completed == 48
     most_offered = max(k for _, k, _ in seen)
     assert max(wait for wait, _, _ in seen) <= 4 + most_offered - 1

@@ -1,4 +1,4 @@
-"""The engine benchmark runner (apexlib.bench.runner) and `apex bench` on tiny checkpoints, CPU only."""
+"""The engine benchmark runner (apexlib.bench.benchmark) and `apex bench` on tiny checkpoints, CPU only."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import types
 import pandas as pd
 import pytest
 
-from apexlib.bench.runner import BenchmarkSettings, load_workload, run_benchmark, special_token_ids
+from apexlib.bench.benchmark import load_workload, run_benchmark
 from apexlib.cli import main
+from apexlib.core.models import special_token_ids
 from apexlib.core.results import PROVENANCE_COLUMNS, write_results
+from apexlib.engine.settings import BenchmarkSettings
 from apexlib.workloads import get_preset
 
 # Provenance columns that must be known on every machine (the GPU / CUDA ones are None on a CPU box).
@@ -22,7 +24,7 @@ ALWAYS_KNOWN = tuple(column for column in PROVENANCE_COLUMNS
 
 @pytest.fixture(scope="module")
 def gqa_settings(tiny_path):
-    return BenchmarkSettings(model=str(tiny_path("gqa")), device="cpu", warmup_requests=1)
+    return BenchmarkSettings.create(model=str(tiny_path("gqa")), device="cpu", warmup_requests=1)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_rows_carry_every_provenance_field(offline_result):
 def test_output_lengths_are_exact_and_prompts_avoid_special_ids(offline_result, gqa_settings):
     workload = get_preset("tiny-smoke", num_requests=6)
     wanted = {request.request_id: request for request in workload.requests}
-    special = set(special_token_ids(gqa_settings.model, 512))
+    special = set(special_token_ids(gqa_settings.engine.model, 512))
     assert {0, 1, 2, 3} <= special
     for record in offline_result.records:
         assert len(record.output_token_ids) == wanted[record.request_id].output_len
@@ -95,7 +97,7 @@ def test_online_mode_delays_arrivals(gqa_settings):
 
 
 def test_squeezed_kv_budget_preempts_and_keeps_exact_lengths(tiny_path):
-    settings = BenchmarkSettings(model=str(tiny_path("gqa")), device="cpu", num_gpu_blocks=16, warmup_requests=0)
+    settings = BenchmarkSettings.create(model=str(tiny_path("gqa")), device="cpu", num_gpu_blocks=16, warmup_requests=0)
     workload = get_preset("tiny-decode-heavy", num_requests=8)
     result = run_benchmark(workload, settings, progress=False)
     assert result.provenance["num_gpu_blocks"] == 16

@@ -29,3 +29,38 @@ def test_apex_console_script_env():
     result = subprocess.run([sys.executable, "-m", "apexlib.cli", "env"], capture_output=True, text=True, check=True)
     info = json.loads(result.stdout)
     assert info["torch"] and info["cpu_count"] >= 1 and "simd" in info
+
+
+def test_every_engine_command_takes_every_engine_argument_from_one_table():
+    """generate, serve, bench and simulate build their engine flags from EngineArgs' fields."""
+    import argparse
+    import dataclasses
+
+    from apexlib.cli import build_parser
+    from apexlib.engine.args import ENGINE_ARG_HELP, EngineArgs
+
+    assert set(ENGINE_ARG_HELP) == {f.name for f in dataclasses.fields(EngineArgs)}
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    simulate_skips = {"cpu_attention_threads", "cpu_attention_cpus", "cpu_attention_timeout", "attention_backend",
+                      "profile_subtasks", "seed"}
+    for name in ("generate", "serve", "bench", "simulate"):
+        dests = {action.dest for action in commands[name]._actions}
+        expected = {f.name for f in dataclasses.fields(EngineArgs)} - (simulate_skips if name == "simulate" else set())
+        assert expected <= dests, (name, sorted(expected - dests))
+    options = commands["bench"].parse_args(["--policy", "apex", "--policy-option", "max_stall_iterations=8",
+                                            "--policy-option", "enable_pipeline=false", "--cost-model", "zero"])
+    from apexlib.cli import engine_kwargs
+
+    kwargs = engine_kwargs(options, num_gpu_blocks=None)
+    assert kwargs["policy_options"] == {"max_stall_iterations": 8, "enable_pipeline": False}
+    assert EngineArgs(**kwargs).policy_options.max_stall_iterations == 8
+    assert kwargs["cost_model"] == "zero"
+
+
+def test_a_bad_policy_option_is_one_line_naming_it(capsys):
+    from apexlib.cli import main
+
+    assert main(["simulate", "--cost-model", "zero", "--policy", "neo", "--policy-option", "mode=fast",
+                 "--num-requests", "2"]) == 2
+    assert "policy 'neo' has no option(s) ['mode']" in capsys.readouterr().err

@@ -34,7 +34,7 @@ class Fault(RuntimeError):
 def make_engine(path, mode):
     return LLMEngine.from_engine_args(model=str(path), dtype="float32", device="cpu", block_size=8,
                                       max_model_len=192, policy="hybrid", num_gpu_blocks=30, num_cpu_blocks=120,
-                                      hybrid_mode=mode, cpu_placement="overflow")
+                                      policy_options={"hybrid_mode": mode, "cpu_placement": "overflow"})
 
 
 def requests(path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from apexlib.bench.fidelity import fidelity
-from apexlib.bench.runner import BenchmarkSettings
+from apexlib.engine.settings import BenchmarkSettings
 from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
 from apexlib.workloads import get_preset
 
@@ -35,7 +35,7 @@ def demo_profile(tmp_path_factory):
 @pytest.mark.slow
 def test_simulator_matches_the_engine_within_tolerance(demo_profile, tmp_path):
     workload = get_preset("tiny-decode-heavy", num_requests=32)
-    settings = BenchmarkSettings(model=None, device="cpu", dtype="float32", num_gpu_blocks=24,
+    settings = BenchmarkSettings.create(model=None, device="cpu", dtype="float32", num_gpu_blocks=24,
                                  num_cpu_blocks=2048, warmup_requests=2)
     attempts = []
     profile = demo_profile

@@ -273,7 +273,7 @@ def test_a_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path, tiny_path):
 def test_a_stuck_cpu_attention_job_raises_within_the_timeout(tiny_path, monkeypatch):
     engine = LLMEngine.from_engine_args(model=str(tiny_path("gqa")), dtype="float32", device="cpu", block_size=8,
                                         max_model_len=128, policy="hybrid", num_gpu_blocks=32, num_cpu_blocks=64,
-                                        cpu_placement="cpu", cpu_attention_timeout=0.5)
+                                        policy_options={"cpu_placement": "cpu"}, cpu_attention_timeout=0.5)
     release = threading.Event()
     original = cpu_attention.paged_decode_attention
 

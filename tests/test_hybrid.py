@@ -47,7 +47,8 @@ def test_all_cpu_placement_with_preemption(preset, mode, tiny_path, hf_greedy):
     """Every request in the CPU tier, which is too small for all: CPU decodes plus recompute."""
     path = tiny_path(preset)
     prompts = prompts_for(path, LENGTHS)
-    got, stats = run(path, prompts, num_gpu_blocks=24, num_cpu_blocks=64, hybrid_mode=mode, cpu_placement="cpu")
+    got, stats = run(path, prompts, num_gpu_blocks=24, num_cpu_blocks=64,
+                       policy_options={"hybrid_mode": mode, "cpu_placement": "cpu"})
     assert got == hf_greedy(path, prompts, MAX_NEW)
     assert stats.cpu_decode_tokens > 0 and stats.gpu_decode_tokens == 0
     assert stats.mode_counts.get(mode, 0) > 0 and stats.preemptions > 0
@@ -62,7 +63,7 @@ def test_mixed_placement_with_swaps_both_ways(preset, mode, tiny_path, hf_greedy
     prompts = prompts_for(path, LENGTHS, seed=1)
     outputs = [8, 48, 8, 48, 8, 48, 8, 48, 8, 48]
     got, stats = run(path, prompts, output_lengths=outputs, num_gpu_blocks=30, num_cpu_blocks=120,
-                     hybrid_mode=mode, cpu_placement="overflow")
+                     policy_options={"hybrid_mode": mode, "cpu_placement": "overflow"})
     expected = [full[:n] for full, n in zip(hf_greedy(path, prompts, 48), outputs, strict=True)]
     assert got == expected
     assert stats.cpu_decode_tokens > 0 and stats.gpu_decode_tokens > 0
@@ -73,7 +74,7 @@ def test_mixed_placement_with_swaps_both_ways(preset, mode, tiny_path, hf_greedy
 def test_mode_none_cpu_requests_wait_for_swap_in(tiny_path, hf_greedy):
     path = tiny_path("gqa")
     prompts = prompts_for(path, LENGTHS, seed=2)
-    got, stats = run(path, prompts, num_gpu_blocks=24, num_cpu_blocks=64, hybrid_mode="none")
+    got, stats = run(path, prompts, num_gpu_blocks=24, num_cpu_blocks=64, policy_options={"hybrid_mode": "none"})
     assert got == hf_greedy(path, prompts, MAX_NEW)
     assert stats.cpu_decode_tokens == 0 and stats.swapped_in_blocks > 0
     assert set(stats.mode_counts) == {"none"}
@@ -83,7 +84,7 @@ def test_hybrid_needs_a_cpu_tier(tiny_path):
     with pytest.raises(ValueError, match="needs a CPU KV tier that holds one maximum-length request"):
         LLM(str(tiny_path("gqa")), device="cpu", policy="hybrid", num_cpu_blocks=2, max_model_len=192)
     with pytest.raises(ValueError, match="hybrid_mode must be one of"):
-        LLM(str(tiny_path("gqa")), device="cpu", policy="hybrid", hybrid_mode="sideways")
+        LLM(str(tiny_path("gqa")), device="cpu", policy="hybrid", policy_options={"hybrid_mode": "sideways"})
 
 
 def test_cpu_attention_runs_on_the_worker_thread(tiny_path, monkeypatch):
@@ -97,14 +98,15 @@ def test_cpu_attention_runs_on_the_worker_thread(tiny_path, monkeypatch):
     monkeypatch.setattr(cpu_attention, "paged_decode_attention", recording)
     path = tiny_path("gqa")
     run(path, prompts_for(path, [10, 20]), max_tokens=4, num_gpu_blocks=24, num_cpu_blocks=64,
-        cpu_placement="cpu")
+        policy_options={"cpu_placement": "cpu"})
     assert seen == {"apex-cpu-attention"}
 
 
 def test_subtask_times_are_reported_when_profiling(tiny_path):
     path = tiny_path("gqa")
     llm = LLM(str(path), dtype="float32", device="cpu", block_size=8, max_model_len=192, policy="hybrid",
-              num_gpu_blocks=24, num_cpu_blocks=64, cpu_placement="cpu", profile_subtasks=True)
+              num_gpu_blocks=24, num_cpu_blocks=64, policy_options={"cpu_placement": "cpu"},
+              profile_subtasks=True)
     engine = llm.llm_engine
     engine.add_request("a", {"prompt_token_ids": [5, 6, 7, 8]}, SamplingParams(max_tokens=3, temperature=0))
     engine.step()  # prefill
@@ -153,7 +155,7 @@ def test_copy_stream_path_on_cuda(mode, tiny_path, hf_greedy):
     path = tiny_path("gqa")
     prompts = prompts_for(path, LENGTHS, seed=3)
     llm = LLM(str(path), dtype="float32", device="cuda", block_size=8, max_model_len=192, policy="hybrid",
-              num_gpu_blocks=30, num_cpu_blocks=120, hybrid_mode=mode)
+              num_gpu_blocks=30, num_cpu_blocks=120, policy_options={"hybrid_mode": mode})
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True), use_tqdm=False)
     assert [list(o.outputs[0].token_ids) for o in outputs] == hf_greedy(path, prompts, MAX_NEW)

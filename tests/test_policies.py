@@ -141,3 +141,42 @@ def test_profiled_policies_keep_greedy_parity_with_a_squeezed_budget(policy, cos
     assert stats.swapped_out_blocks > 0
     if cost_model == "zero":  # free CPU attention: every CPU-resident decode runs
         assert stats.cpu_decode_tokens > 0
+
+
+def test_policy_options_are_validated_once_with_the_field_and_the_limit():
+    from apexlib.engine.args import EngineArgs
+    from apexlib.policies import ApexOptions, HybridOptions, NoOptions, policy_options
+
+    assert policy_options("gpu_only") == NoOptions()
+    assert policy_options("hybrid", {"hybrid_mode": "asymmetric_pipeline"}) == HybridOptions("asymmetric_pipeline")
+    assert policy_options("apex", ApexOptions(max_stall_iterations=4)).max_stall_iterations == 4
+    with pytest.raises(ValueError, match=r"policy 'neo' has no option\(s\) \['hybrid_mode'\]; its options: none"):
+        policy_options("neo", {"hybrid_mode": "async_overlap"})
+    with pytest.raises(ValueError, match=r"policy 'apex' has no option\(s\) \['bound'\]; its options: "
+                                         r"\['iteration_time_bound', 'enable_pipeline', 'max_stall_iterations'\]"):
+        policy_options("apex", {"bound": 1.0})
+    with pytest.raises(ValueError, match="iteration_time_bound must be a finite number of seconds > 0"):
+        policy_options("apex", {"iteration_time_bound": -1})
+    with pytest.raises(ValueError, match="cpu_placement must be one of"):
+        policy_options("hybrid", {"cpu_placement": "gpu"})
+    with pytest.raises(TypeError, match="policy 'hybrid' takes HybridOptions, got ApexOptions"):
+        policy_options("hybrid", ApexOptions())
+    with pytest.raises(ValueError, match="policy must be one of"):
+        policy_options("fastest")
+    # EngineArgs validates them where they are written and keeps the options dataclass
+    args = EngineArgs(model="demo", policy="apex", policy_options={"max_stall_iterations": 8})
+    assert args.policy_options == ApexOptions(max_stall_iterations=8)
+    with pytest.raises(ValueError, match="has no option"):
+        EngineArgs(model="demo", policy="gpu_only", policy_options={"enable_pipeline": False})
+
+
+def test_build_policy_passes_the_options_and_needs_a_cost_model_where_it_predicts():
+    from apexlib.core.plan import OverlapMode
+    from apexlib.policies import build_policy
+
+    hybrid = build_policy("hybrid", {"hybrid_mode": "asymmetric_pipeline", "cpu_placement": "cpu"})
+    assert hybrid.mode is OverlapMode.ASYMMETRIC_PIPELINE and hybrid.placement == "cpu"
+    apex = build_policy("apex", {"enable_pipeline": False, "max_stall_iterations": 5}, BANDWIDTH_BOUND, 1000, 0.6)
+    assert (apex.enable_pipeline, apex.max_stall_iterations, apex.transfer_bytes_per_cpu_token) == (False, 5, 1000)
+    with pytest.raises(ValueError, match="policy 'neo' needs a cost model"):
+        build_policy("neo")

@@ -9,13 +9,8 @@ import pytest
 
 from apexlib.costs import IterationShape, TableCostModel, predict_iteration
 from apexlib.engine.args import EngineArgs
-from apexlib.profiling.profiler import (
-    ProfileSettings,
-    accuracy_report,
-    default_workload,
-    profile_model,
-    write_profile,
-)
+from apexlib.profiling.accuracy import accuracy_report, default_workload
+from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +45,7 @@ def test_quick_profile_sections_and_provenance(quick_profile, tmp_path):
 
 def test_accuracy_report_runs(quick_profile, tiny_path):
     args = EngineArgs(model=str(tiny_path("gqa")), device="cpu", dtype="float32", policy="hybrid",
-                      hybrid_mode="async_overlap", num_gpu_blocks=16, num_cpu_blocks=256, max_model_len=256,
+                      policy_options={"hybrid_mode": "async_overlap"}, num_gpu_blocks=16, num_cpu_blocks=256, max_model_len=256,
                       profile_subtasks=True)
     report = accuracy_report(args, TableCostModel(quick_profile), default_workload(6, max_prompt=64, max_output=16))
     assert report["all"]["iterations"] > 5 and "async_overlap" in report["by_mode"]

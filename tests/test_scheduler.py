@@ -11,7 +11,7 @@ from apexlib.core.config import CacheConfig, SchedulerConfig
 from apexlib.core.plan import RunnerOutput, Tier
 from apexlib.core.request import Request, RequestStatus, SamplingParams
 from apexlib.engine.scheduler import Scheduler
-from apexlib.policies import make_policy
+from apexlib.policies import build_policy
 
 EOS = 2
 
@@ -21,7 +21,7 @@ def make_scheduler(num_gpu_blocks=16, block_size=4, max_model_len=64, max_num_se
         SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                         enable_chunked_prefill=chunked),
         CacheConfig(block_size=block_size, num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=0, kv_dtype="float32"),
-        make_policy("gpu_only"),
+        build_policy("gpu_only"),
     )
 
 

@@ -271,12 +271,13 @@ def test_apex_serve_reports_bad_arguments(tmp_path, capsys):
 
 
 def test_bench_serve_measures_through_http(server, tmp_path):
-    from apexlib.bench.runner import BenchmarkSettings, load_workload
+    from apexlib.bench.benchmark import load_workload
     from apexlib.bench.serve_client import run_serve_benchmark
     from apexlib.core.results import write_results
+    from apexlib.engine.settings import BenchmarkSettings
 
     workload = load_workload("tiny-smoke", num_requests=6, rate=20.0, seed=1)
-    settings = BenchmarkSettings(model=server.engine.config.model.path, warmup_requests=1)
+    settings = BenchmarkSettings.create(model=server.engine.config.model.path, warmup_requests=1)
     result = run_serve_benchmark(f"{server.url}/v1", workload, settings, experiment="serve-test")
     assert result.provenance["executor"] == "http" and result.provenance["engine"] == "apexlib-serve"
     assert result.provenance["num_gpu_blocks"] == 96 and result.provenance["arrival"] == "poisson"

@@ -29,7 +29,7 @@ class InjectedFault(RuntimeError):
 
 
 def test_cpu_worker_fault_fails_touched_requests_with_500_and_server_keeps_serving(tiny_path, monkeypatch):
-    live = LiveServer(tiny_path("gqa"), policy="hybrid", cpu_placement="cpu", num_cpu_blocks=96)
+    live = LiveServer(tiny_path("gqa"), policy="hybrid", policy_options={"cpu_placement": "cpu"}, num_cpu_blocks=96)
     broken = threading.Event()
     once = threading.Event()
     original = cpu_attention.paged_decode_attention

@@ -43,10 +43,10 @@ def _cases():
         yield f"t4-{policy}", dict(workload=t4_online, model="llama-2-7b", policy=policy,
                                    cost_model=_cost_model("t4", "llama-2-7b"))
     yield "t4-apex-bound", dict(workload=t4_online, model="llama-2-7b", policy="apex",
-                                cost_model=_cost_model("t4", "llama-2-7b"), iteration_time_bound=0.09)
+                                cost_model=_cost_model("t4", "llama-2-7b"), policy_options={"iteration_time_bound": 0.09})
     yield "t4-hybrid-pipeline", dict(workload=t4_online, model="llama-2-7b", policy="hybrid",
-                                     cost_model=_cost_model("t4", "llama-2-7b"), hybrid_mode="asymmetric_pipeline",
-                                     cpu_placement="cpu")
+                                     cost_model=_cost_model("t4", "llama-2-7b"),
+                                     policy_options={"hybrid_mode": "asymmetric_pipeline", "cpu_placement": "cpu"})
     for policy in ("gpu_only", "neo", "neo_published", "apex"):
         yield f"a10g-adverse-{policy}", dict(
             workload=a10g_offline, model="llama-3.1-8b", policy=policy, gpu_kv_gib=0.5,
@@ -55,7 +55,7 @@ def _cases():
                                    ModelShape.from_config(model_config_for_shape("tiny-demo")), "float32")
     for policy in ("gpu_only", "apex"):
         yield f"tiny-cpu-{policy}", dict(workload=tiny, model="tiny-demo", policy=policy, cost_model=tiny_profile,
-                                         device_kind="cpu", dtype="float32", num_gpu_blocks=40,
+                                         device="cpu", dtype="float32", num_gpu_blocks=40,
                                          num_cpu_blocks=None if policy != "gpu_only" else 0)
 
 

@@ -74,7 +74,7 @@ def test_deterministic_for_a_seed(t4_llama2):
 def test_virtual_time_is_iterations_times_overhead():
     overhead = 1e-3
     result = simulate(get_preset("tiny-decode-heavy", num_requests=12), model="tiny-demo", policy="gpu_only",
-                      cost_model=ConstantOverheadModel(overhead), device_kind="cpu", dtype="float32")
+                      cost_model=ConstantOverheadModel(overhead), device="cpu", dtype="float32")
     iterations = result.provenance["engine_iterations"]
     assert iterations == len(result.iterations) > 0
     assert result.extra["virtual_time_s"] == pytest.approx(iterations * overhead)
@@ -99,9 +99,9 @@ def test_engine_step_overhead_is_added_between_iterations():
     overhead = 1e-3
     workload = get_preset("tiny-decode-heavy", num_requests=12)
     base = simulate(workload, model="tiny-demo", policy="gpu_only", cost_model=ConstantOverheadModel(overhead),
-                    device_kind="cpu", dtype="float32")
+                    device="cpu", dtype="float32")
     result = simulate(workload, model="tiny-demo", policy="gpu_only", cost_model=StepOverheadModel(overhead),
-                      device_kind="cpu", dtype="float32")
+                      device="cpu", dtype="float32")
     trace = result.iterations.to_dataframe()
     assert len(trace) == len(base.iterations)  # same decisions
     sequences = (trace["num_prefills"] + trace["num_gpu_decodes"] + trace["num_cpu_decodes"]).sum()
@@ -128,14 +128,15 @@ def test_online_arrivals_are_respected(t4_llama2):
 
 def test_same_decisions_as_the_real_engine(tiny_path):
     """The plans are the scheduler's, so the simulator and the engine make the same ones."""
-    from apexlib.bench.runner import BenchmarkSettings, run_benchmark
+    from apexlib.bench.benchmark import run_benchmark
+    from apexlib.engine.settings import BenchmarkSettings
 
     path = str(tiny_path("gqa"))
     workload = get_preset("tiny-decode-heavy", num_requests=12, seed=3)
-    settings = BenchmarkSettings(model=path, device="cpu", num_gpu_blocks=24, warmup_requests=0)
+    settings = BenchmarkSettings.create(model=path, device="cpu", num_gpu_blocks=24, warmup_requests=0)
     engine = run_benchmark(workload, settings, progress=False)
     sim = simulate(workload, model=path, policy="gpu_only", cost_model=ConstantOverheadModel(1e-3),
-                   num_gpu_blocks=24, device_kind="cpu", dtype="auto")
+                   num_gpu_blocks=24, device="cpu", dtype="auto")
     assert engine.provenance["engine_preemptions"] > 0, "the squeezed budget should preempt"
     for column in ("engine_iterations", "engine_preemptions", "engine_mode_counts", "num_gpu_blocks",
                    "num_cpu_blocks", "max_model_len", "max_num_batched_tokens", "dtype", "model_config_sha256"):
@@ -188,7 +189,7 @@ def test_device_kind_cpu_moves_no_bytes(t4_llama2):
     cuda = simulate(workload, model="llama-2-7b", policy="hybrid", cost_model=t4_llama2, gpu_kv_gib=0.5,
                     cpu_kv_gib=2.0)
     cpu = simulate(workload, model="llama-2-7b", policy="hybrid", cost_model=t4_llama2, gpu_kv_gib=0.5,
-                   cpu_kv_gib=2.0, device_kind="cpu")
+                   cpu_kv_gib=2.0, device="cpu")
     assert cuda.extra["transfer_bytes_per_cpu_token"] == sum(LLAMA2_7B.cpu_token_transfer_bytes("float16"))
     assert cpu.extra["transfer_bytes_per_cpu_token"] == 0
     # only KV swaps move bytes with device=cpu (a host memcpy between the tiers' pools): no q/k/v copies
@@ -217,7 +218,7 @@ def test_cli_simulate_writes_rows_and_iterations(tmp_path, capsys):
     from apexlib.cli import main
 
     code = main(["simulate", "--policy", "gpu_only", "apex", "--workload", "t4-decode-heavy", "--model",
-                 "llama-2-7b", "--hardware", "t4", "--gpu-kv-gib", "0.5", "--cpu-kv-gib", "4", "--num-requests",
+                 "llama-2-7b", "--cost-model", "roofline:t4", "--gpu-kv-gib", "0.5", "--cpu-kv-gib", "4", "--num-requests",
                  "10", "--rate", "0", "--out", str(tmp_path), "--experiment", "sim-test"])
     assert code == 0
     printed = capsys.readouterr().out
@@ -236,8 +237,8 @@ def test_cli_simulate_from_a_datasheet_profile_matches_hardware(tmp_path):
     common = ["simulate", "--policy", "apex", "--workload", "t4-decode-heavy", "--model", "llama-2-7b",
               "--gpu-kv-gib", "0.5", "--cpu-kv-gib", "4", "--num-requests", "10", "--rate", "0"]
     profile = Path(__file__).resolve().parents[1] / "data" / "profiles" / "datasheet-t4.json"
-    assert main([*common, "--profile", str(profile), "--out", str(tmp_path), "--experiment", "a"]) == 0
-    assert main([*common, "--hardware", "t4", "--out", str(tmp_path), "--experiment", "b"]) == 0
+    assert main([*common, "--cost-model", str(profile), "--out", str(tmp_path), "--experiment", "a"]) == 0
+    assert main([*common, "--cost-model", "roofline:t4", "--out", str(tmp_path), "--experiment", "b"]) == 0
     columns = ["output_throughput", "engine_iterations", "duration_s"]
     first, second = (pd.read_csv(tmp_path / name / "rows.csv").query("row_type == 'summary'")[columns]
                      for name in ("a", "b"))

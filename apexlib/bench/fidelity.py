@@ -7,20 +7,16 @@ simulator with a measured profile) and reports the relative errors of throughput
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from apexlib.bench.runner import BenchmarkSettings, resolve_max_model_len
-from apexlib.core.config import ModelConfig
 from apexlib.core.results import BenchmarkResult
 from apexlib.costs import CostModel, TableCostModel
-from apexlib.policies import PROFILED_POLICIES
+from apexlib.engine.settings import BenchmarkSettings
 from apexlib.sim.simulator import SimulationResult, simulate
 from apexlib.workloads import Workload
 
@@ -69,53 +65,34 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model:
     """
     import pandas as pd
 
-    from apexlib.bench.runner import default_model_path, run_benchmark
-    from apexlib.engine.engine import LLMEngine
+    from apexlib.bench.benchmark import build_engine, run_benchmark
+    from apexlib.model.tiny import resolve_checkpoint
 
-    if isinstance(cost_model, (str, Path)):
-        profile_path = str(cost_model)
-        cost_model = TableCostModel.from_file(profile_path)
-    elif isinstance(cost_model, TableCostModel):
-        handle = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)
-        with handle:
-            json.dump(cost_model.profile, handle)
-        profile_path = handle.name
-    else:
-        profile_path = None
-    model_path = engine_settings.model or default_model_path()
+    if not isinstance(cost_model, CostModel):
+        cost_model = TableCostModel.from_file(str(cost_model))
+    base = engine_settings.replace_engine(model=resolve_checkpoint(engine_settings.engine.model),
+                                          cost_model=cost_model)
     rows = []
-    for policy in policies or (engine_settings.policy,):
-        settings = dataclasses.replace(engine_settings, model=model_path, policy=policy)
-        if settings.device == "cpu" and not settings.num_cpu_blocks and settings.cpu_kv_gib is None:
-            settings = dataclasses.replace(settings, num_cpu_blocks=1 if policy == "gpu_only" else None)
-        model_config = ModelConfig.from_pretrained(model_path)
-        limit = resolve_max_model_len(settings, workload, model_config.max_position_embeddings)
-        engine_args: dict[str, Any] = dict(
-            model=model_path, dtype=settings.dtype, device=settings.device, block_size=settings.block_size,
-            num_gpu_blocks=settings.num_gpu_blocks, num_cpu_blocks=settings.num_cpu_blocks,
-            gpu_kv_gib=settings.gpu_kv_gib, cpu_kv_gib=settings.cpu_kv_gib, policy=policy, max_model_len=limit,
-            max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
-            enable_chunked_prefill=settings.enable_chunked_prefill, seed=settings.seed)
-        if policy in PROFILED_POLICIES:
-            if profile_path is None:
-                raise ValueError("fidelity with neo/apex needs a TableCostModel or a profile path (the engine's "
-                                 "policies decide on the same profile)")
-            engine_args["cost_model"] = profile_path
-        engine = LLMEngine.from_engine_args(**engine_args)
+    for policy in policies or (base.policy,):
+        settings = base.replace_engine(policy=policy)
+        engine_args = settings.engine
+        if engine_args.device == "cpu" and not engine_args.num_cpu_blocks and engine_args.cpu_kv_gib is None:
+            settings = settings.replace_engine(num_cpu_blocks=1 if policy == "gpu_only" else None)
+        engine = build_engine(settings, workload)
         load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
         try:
             measured = run_benchmark(workload, settings, mode=mode, progress=progress, engine=engine)
         finally:
             engine.close()
         config = engine.config
-        simulated = simulate(
-            workload, model=model_path, policy=policy, cost_model=cost_model,
+        # the simulator gets the engine's resolved budgets and limits, not a copy of its arguments
+        simulated = simulate(workload, settings.replace_engine(
+            device=config.device, dtype=config.dtype, block_size=config.cache.block_size,
             num_gpu_blocks=config.cache.num_gpu_blocks, num_cpu_blocks=config.cache.num_cpu_blocks,
-            block_size=config.cache.block_size, max_num_seqs=config.scheduler.max_num_seqs,
+            gpu_kv_gib=None, cpu_kv_gib=None, max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_model_len=config.scheduler.max_model_len, enable_chunked_prefill=settings.enable_chunked_prefill,
-            device_kind="cpu" if config.device == "cpu" else "cuda", dtype=config.dtype, mode=mode,
-            token_seed=settings.token_seed, scheduler_overhead=scheduler_overhead)
+            max_model_len=config.scheduler.max_model_len),
+            cost_model=cost_model, mode=mode, scheduler_overhead=scheduler_overhead)
         if results is not None:
             results.extend([measured, simulated])
         real, sim = measured.summary_row(), simulated.summary_row()

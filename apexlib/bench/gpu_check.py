@@ -1,5 +1,8 @@
 """``apex gpu-check``: the one prepared check for a lent CUDA machine, in under 8 minutes on one H100/H200.
 
+Size: one script with one time budget; its steps share the run's plan, budgets and report, so they
+live together (each step is a function of its own).
+
 Steps, in order; each is timed against its budget, followed by ``torch.cuda.synchronize()`` (so an
 asynchronous CUDA error surfaces in the step that caused it), and the first exception ends the run
 with the step's name (:class:`StepFailed`, exit 1). No step starts when the time used plus its budget
@@ -271,7 +274,7 @@ def _nvidia_driver() -> str | None:
 def device_slug(provenance: Mapping[str, Any]) -> str:
     if str(provenance["device"]).startswith("cuda"):
         return re.sub(r"[^a-z0-9]+", "-", str(provenance["device_name"]).lower()).strip("-")
-    from apexlib.profiling.profiler import cpu_short_name
+    from apexlib.core.host import cpu_short_name
 
     return "cpu-" + cpu_short_name(str(provenance["cpu_model"]), provenance.get("simd", ()))
 
@@ -446,10 +449,10 @@ def run_policy(policy: str, device: str, plan: Mapping[str, Any], profile_path: 
                results: list[Any], num_requests: int | None = None) -> dict[str, Any]:
     """One policy through the engine and the simulator (``fidelity``); returns its comparison row."""
     from apexlib.bench.fidelity import fidelity
-    from apexlib.bench.runner import BenchmarkSettings
+    from apexlib.engine.settings import BenchmarkSettings
 
     size = SIZES[plan["size"]]
-    settings = BenchmarkSettings(
+    settings = BenchmarkSettings.create(
         model=plan["model_path"], policy=policy, device=device, dtype=plan["dtype"], block_size=plan["block_size"],
         gpu_kv_gib=plan["gpu_kv_gib"], num_gpu_blocks=plan["num_gpu_blocks"],
         cpu_kv_gib=None if policy == "gpu_only" else plan["cpu_kv_gib"], warmup_requests=2)

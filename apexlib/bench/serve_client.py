@@ -27,11 +27,12 @@ from typing import Any
 
 import httpx
 
-from apexlib.bench.runner import BenchmarkSettings, prepare_workload, resolve_mode, special_token_ids
 from apexlib.core.config import ModelConfig
+from apexlib.core.models import special_token_ids
 from apexlib.core.results import BenchmarkResult, RequestRecord, build_provenance, finish_result
+from apexlib.engine.settings import BenchmarkSettings, resolve_mode
 from apexlib.envinfo import provenance_facts
-from apexlib.workloads import Workload
+from apexlib.workloads import Workload, prepare_workload
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +135,15 @@ async def _drive(base_url: str, workload: Workload, mode: str, model: str | None
 def run_serve_benchmark(base_url: str, workload: Workload, settings: BenchmarkSettings, *, mode: str = "auto",
                         experiment: str | None = None, engine: str | None = None, served_model: str | None = None,
                         max_concurrency: int | None = None, timeout: float = 600.0) -> BenchmarkResult:
-    """Send ``workload`` to the server at ``base_url``; ``settings.model`` is the local checkpoint the prompts'
-    token ids are drawn for (the one the server serves)."""
-    if not settings.model:
-        raise ValueError("apex bench serve needs --model: the checkpoint the server runs (for the vocabulary)")
+    """Send ``workload`` to the server at ``base_url``; ``settings.engine.model`` is the local checkpoint the
+    prompts' token ids are drawn for (the one the server serves)."""
+    from apexlib.model.tiny import resolve_checkpoint
+
+    engine_args = settings.engine
     base_url = base_url.rstrip("/")
     if base_url.endswith("/v1"):
         base_url = base_url[:-3]
-    model_config = ModelConfig.from_pretrained(settings.model)
+    model_config = ModelConfig.from_pretrained(resolve_checkpoint(engine_args.model))
     reserved = special_token_ids(model_config.path, model_config.vocab_size)
     workload = prepare_workload(workload, model_config.vocab_size, reserved, settings.token_seed)
     mode = resolve_mode(workload, mode)
@@ -153,14 +155,15 @@ def run_serve_benchmark(base_url: str, workload: Workload, settings: BenchmarkSe
     engine_name = engine or ("apexlib" if info.owned_by == "apexlib" else info.owned_by or "unknown")
     config = dict(info.engine_config)
     resolved = {
-        "device": config.get("device", settings.device), "model_path": model_config.path,
-        "dtype": config.get("dtype", settings.dtype), "block_size": config.get("block_size", settings.block_size),
-        "num_gpu_blocks": config.get("num_gpu_blocks", settings.num_gpu_blocks),
-        "num_cpu_blocks": config.get("num_cpu_blocks", settings.num_cpu_blocks),
-        "max_num_seqs": config.get("max_num_seqs", settings.max_num_seqs),
-        "max_num_batched_tokens": config.get("max_num_batched_tokens", settings.max_num_batched_tokens),
+        "device": config.get("device", engine_args.device), "model_path": model_config.path,
+        "dtype": config.get("dtype", engine_args.dtype),
+        "block_size": config.get("block_size", engine_args.block_size),
+        "num_gpu_blocks": config.get("num_gpu_blocks", engine_args.num_gpu_blocks),
+        "num_cpu_blocks": config.get("num_cpu_blocks", engine_args.num_cpu_blocks),
+        "max_num_seqs": config.get("max_num_seqs", engine_args.max_num_seqs),
+        "max_num_batched_tokens": config.get("max_num_batched_tokens", engine_args.max_num_batched_tokens),
         "max_model_len": config.get("max_model_len", info.max_model_len),
-        "policy": config.get("policy", settings.policy),
+        "policy": config.get("policy", engine_args.policy),
     }
     provenance = build_provenance(workload, mode, experiment, engine=f"{engine_name}-serve", engine_version=None,
                                   resolved=resolved, stats={}, environment=provenance_facts(),

@@ -1,6 +1,6 @@
 """Runs one benchmark workload through real vLLM. Executed by vLLM's own venv's python, never imported
 by apexlib's: ``<vllm venv>/bin/python -m apexlib.bench.vllm_worker --settings S.json --workload W.jsonl
---out R.json`` with ``PYTHONPATH`` pointing at apexlib's source (see ``apexlib.bench.vllm_runner``).
+--out R.json`` with ``PYTHONPATH`` pointing at apexlib's source (see ``apexlib.bench.vllm_baseline``).
 
 It imports only torch-free apexlib modules (``apexlib.workloads``) plus vllm. The workload must
 carry prompt token ids. Both modes go through ``LLM.llm_engine`` (what ``LLM.generate`` does inside,

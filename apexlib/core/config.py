@@ -16,14 +16,17 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-OVERLAP_MODES = ("none", "async_overlap", "asymmetric_pipeline")
-CPU_PLACEMENTS = ("overflow", "cpu")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-POLICIES = ("gpu_only", "hybrid", "neo", "neo_published", "apex")
 GIB = 1024**3
 #: Seconds the engine waits for one CPU-attention job (one layer's attention: milliseconds) before it
 #: declares the worker stuck (``EngineArgs.cpu_attention_timeout``).
 DEFAULT_CPU_JOB_TIMEOUT = 300.0
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> int:
+    """K and V bytes of one token over all layers (the one definition; ``ModelConfig`` and the cost
+    models' ``ModelShape`` both ask it)."""
+    return 2 * num_layers * num_kv_heads * head_dim * DTYPE_BYTES[dtype]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -85,7 +88,7 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         """K and V bytes of one token over all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -166,24 +169,17 @@ class CacheConfig:
         _require(self.num_cpu_blocks >= 0, f"num_cpu_blocks must be >= 0, got {self.num_cpu_blocks}")
         _require(self.kv_dtype in SUPPORTED_DTYPES, f"kv dtype must be one of {SUPPORTED_DTYPES}")
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return math.ceil(num_tokens / self.block_size)
-
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous-batching limits and the placement/overlap policy."""
+    """Continuous-batching limits and the name of the placement/overlap policy (validated, with the
+    policy's own options, by ``apexlib.policies.registry`` when ``EngineArgs`` is built)."""
 
     max_model_len: int
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "gpu_only"
-    # Options of the fixed-mode "hybrid" policy (the profiling-informed policies choose per iteration).
-    hybrid_mode: str = "async_overlap"
-    cpu_placement: str = "overflow"
-    # apex: an optional bound on the predicted iteration time (seconds), i.e. a TPOT bound.
-    iteration_time_bound: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
@@ -194,13 +190,7 @@ class SchedulerConfig:
             _require(self.max_num_batched_tokens >= self.max_model_len,
                      f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                      f"({self.max_model_len}) when chunked prefill is disabled")
-        _require(self.policy in POLICIES, f"policy must be one of {POLICIES}, got {self.policy!r}")
-        _require(self.hybrid_mode in OVERLAP_MODES,
-                 f"hybrid_mode must be one of {OVERLAP_MODES}, got {self.hybrid_mode!r}")
-        _require(self.iteration_time_bound is None or self.iteration_time_bound > 0,
-                 f"iteration_time_bound must be > 0 seconds, got {self.iteration_time_bound}")
-        _require(self.cpu_placement in CPU_PLACEMENTS,
-                 f"cpu_placement must be one of {CPU_PLACEMENTS}, got {self.cpu_placement!r}")
+        _require(isinstance(self.policy, str) and bool(self.policy), f"policy must be a name, got {self.policy!r}")
 
 
 @dataclass(frozen=True)
@@ -217,6 +207,9 @@ class EngineConfig:
     cpu_attention_cpus: tuple[int, ...] | None = None
     profile_subtasks: bool = False
     cpu_attention_timeout: float = DEFAULT_CPU_JOB_TIMEOUT
+    #: The policy's validated options dataclass (``apexlib.policies.options``; typed ``Any`` here because
+    #: this contract sits below the policies).
+    policy_options: Any = None
 
     def __post_init__(self) -> None:
         _require(math.isfinite(self.cpu_attention_timeout) and self.cpu_attention_timeout > 0,
@@ -241,10 +234,6 @@ class EngineConfig:
                  f"the GPU KV budget holds {self.cache.num_gpu_blocks} blocks x {self.cache.block_size} = "
                  f"{gpu_tokens} tokens, less than one maximum-length request (max_model_len={max_len}); "
                  f"raise num_gpu_blocks/gpu_kv_gib or lower max_model_len")
-
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.startswith("cuda")
 
 
 def blocks_from_gib(gib: float, model: ModelConfig, kv_dtype: str, block_size: int, field_name: str) -> int:

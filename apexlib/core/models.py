@@ -7,6 +7,7 @@ Torch-free: the simulator and the cost models read it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,26 @@ def resolve_model_config(model: ModelConfig | str | Path) -> ModelConfig:
     if name.startswith(SHAPE_PATH_PREFIX):
         return model_config_for_shape(name[len(SHAPE_PATH_PREFIX):])
     return ModelConfig.from_pretrained(name)
+
+
+def special_token_ids(model_path: str | Path, vocab_size: int) -> tuple[int, ...]:
+    """Ids a benchmark prompt must not contain: the tokenizer's special tokens and bos/eos/pad.
+
+    Read from ``tokenizer.json`` (``added_tokens`` marked special) and ``config.json``; without a
+    tokenizer, LLaMA's ``(0, 1, 2)`` plus the config's ids.
+    """
+    directory = Path(model_path)
+    ids: set[int] = set()
+    tokenizer_file = directory / "tokenizer.json"
+    if tokenizer_file.is_file():
+        tokenizer = json.loads(tokenizer_file.read_text(encoding="utf-8"))
+        ids.update(int(token["id"]) for token in tokenizer.get("added_tokens", []) if token.get("special"))
+    else:
+        ids.update((0, 1, 2))
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = config.get(key)
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int):
+                ids.add(token)
+    return tuple(sorted(token for token in ids if 0 <= token < vocab_size))

@@ -206,3 +206,25 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # finish_reason "error": what went wrong with this request
+
+
+def request_output(request: Request, text: str = "", error: str | None = None) -> RequestOutput:
+    """What an engine returns for ``request`` now: its tokens, timings and finish reason."""
+    finished = request.is_finished
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt=request.prompt,
+        prompt_token_ids=tuple(request.prompt_token_ids),
+        outputs=(CompletionOutput(index=0, text=text, token_ids=tuple(request.output_token_ids),
+                                  finish_reason=request.status.finish_reason),),
+        finished=finished,
+        metrics=RequestMetrics(
+            arrival_time=request.arrival_time,
+            first_scheduled_time=request.first_scheduled_time,
+            first_token_time=request.token_times[0] if request.token_times else None,
+            finished_time=request.finish_time,
+            token_times=tuple(request.token_times),
+            num_preemptions=request.num_preemptions,
+        ),
+        error=error,
+    )

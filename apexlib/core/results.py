@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apexlib.core.config import EngineConfig
 from apexlib.core.metrics import BenchmarkSummary, RequestTiming, summarize
 from apexlib.workloads import Workload
 
@@ -259,3 +260,19 @@ def finish_result(provenance: Mapping[str, Any], records: Sequence[RequestRecord
                 summary.tpot.median * 1e3)
     return BenchmarkResult(experiment=str(ordered["experiment"]), provenance=ordered, records=records,
                            summary=summary, wall_time_s=wall_time, extra=dict(extra or {}))
+
+
+def resolved_settings(config: EngineConfig, device: str | None = None) -> dict[str, Any]:
+    """The engine settings as an ``EngineConfig`` resolved them (the ``resolved`` of :func:`build_provenance`)."""
+    return {
+        "device": device or config.device,
+        "model_path": config.model.path,
+        "dtype": config.dtype,
+        "block_size": config.cache.block_size,
+        "num_gpu_blocks": config.cache.num_gpu_blocks,
+        "num_cpu_blocks": config.cache.num_cpu_blocks,
+        "max_num_seqs": config.scheduler.max_num_seqs,
+        "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+        "max_model_len": config.scheduler.max_model_len,
+        "policy": config.scheduler.policy,
+    }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from apexlib.costs.base import CostModel
-from apexlib.costs.hardware import HardwareSpec
+from apexlib.costs.base import CostModel, ZeroCostModel
+from apexlib.costs.hardware import HardwareSpec, get_hardware
 from apexlib.costs.roofline import DEFAULT_EFFICIENCY_SOURCE, RooflineCostModel
 from apexlib.costs.shape import ModelShape
 from apexlib.costs.table import PROFILE_SCHEMA, TableCostModel
@@ -20,6 +21,8 @@ from apexlib.costs.validate import validate_profile
 # ----------------------------------------------------------------------------------------------
 # datasheet profiles: a HardwareSpec + the roofline's efficiency factors, as a versioned JSON file
 # ----------------------------------------------------------------------------------------------
+logger = logging.getLogger(__name__)
+
 HARDWARE_SCHEMA = "apexlib.hardware/1"
 ROOFLINE_FIELDS = ("memory_efficiency", "attention_efficiency", "compute_efficiency", "cpu_attention_efficiency",
                    "transfer_efficiency", "transfer_latency_seconds", "per_layer_launch_seconds",
@@ -56,10 +59,33 @@ def roofline_from_profile(profile: Mapping[str, Any], shape: ModelShape, dtype: 
     return RooflineCostModel(spec, shape, dtype, **factors, efficiency_source=str(roofline.get("source", "")))
 
 
-def load_cost_model(path: str | Path, shape: ModelShape | None = None, dtype: str = "float16") -> CostModel:
-    """A cost model from a profile file: a measured profile (``apexlib.profile/1``, from ``apex profile``)
-    -> :class:`TableCostModel`; a datasheet profile (``apexlib.hardware/1``) -> a roofline of ``shape``."""
-    path = Path(path)
+def load_cost_model(spec: CostModel | str | Path | None, shape: ModelShape | None = None, dtype: str = "float16",
+                    *, device: str | None = None) -> CostModel:
+    """The one factory of cost models. ``spec``:
+
+    - a :class:`CostModel`: returned as is (objects flow as objects);
+    - ``"zero"``: :class:`ZeroCostModel`;
+    - ``"roofline:<hardware>"``: a roofline of ``shape`` on ``apexlib.costs.hardware.get_hardware(<hardware>)``;
+    - a profile file: a measured profile (``apexlib.profile/1``, from ``apex profile``) -> :class:`TableCostModel`;
+      a datasheet profile (``apexlib.hardware/1``) -> a roofline of ``shape``;
+    - None: an error (``apexlib.runner.machine.machine_cost_model`` gives a CPU engine a roofline of this
+      machine instead: measuring it needs the data plane).
+    """
+    if isinstance(spec, CostModel):
+        return spec
+    if spec is None:
+        raise ValueError("policies neo/neo_published/apex need cost_model=<profile from `apex profile`>, "
+                         "'roofline:<hardware>' or a CostModel" + ("" if device == "cpu" else " on a GPU"))
+    if isinstance(spec, str) and spec == "zero":
+        return ZeroCostModel()
+    if isinstance(spec, str) and spec.startswith("roofline:"):
+        if shape is None:
+            raise ValueError(f"cost_model {spec!r}: the model shape to predict for is needed")
+        return RooflineCostModel(get_hardware(spec.split(":", 1)[1]), shape, dtype)
+    if not isinstance(spec, (str, Path)):
+        raise TypeError(f"cost_model must be a CostModel, a profile path, 'roofline:<hardware>' or 'zero', got "
+                        f"{type(spec).__name__}")
+    path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"cost_model profile {str(path)!r} does not exist (make one with `apex profile`)")
     try:

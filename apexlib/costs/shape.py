@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apexlib.core.config import DTYPE_BYTES
+from apexlib.core.config import DTYPE_BYTES, kv_bytes_per_token
 
 DIRECTIONS = ("d2h", "h2d")
 
@@ -64,7 +64,7 @@ class ModelShape:
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         """K and V of one token, all layers."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[dtype]
+        return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, dtype)
 
     def cpu_token_transfer_bytes(self, dtype: str) -> tuple[int, int]:
         """(to the CPU: q, k, v; back: the attention output) of one CPU-decode token, all layers."""

@@ -242,6 +242,10 @@ class TableCostModel(CostModel):
     def hybrid_adjustment(self, mode: OverlapMode | str) -> HybridAdjustment:
         return self._hybrid.get(OverlapMode(mode), IDEAL_OVERLAP)
 
+    def set_hybrid_adjustment(self, mode: OverlapMode | str, adjustment: HybridAdjustment) -> None:
+        """Replace one mode's calibration: the profiler's fit evaluates thousands of candidates on one model."""
+        self._hybrid[OverlapMode(mode)] = adjustment
+
     def engine_step_overhead(self, num_sequences: int) -> float:
         if self._step_overhead is None:
             return 0.0

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
 from apexlib.core.config import (
     DEFAULT_CPU_JOB_TIMEOUT,
@@ -20,6 +22,8 @@ from apexlib.core.config import (
     SchedulerConfig,
     blocks_from_gib,
 )
+from apexlib.costs.base import CostModel
+from apexlib.policies.registry import PolicyOptions, policy_options
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,34 @@ logger = logging.getLogger(__name__)
 DEVICE_MEMORY_UTILIZATION = 0.9
 # Default KV budget when the "GPU" tier lives in host memory (device="cpu"), capped by what can be used.
 DEFAULT_HOST_KV_GIB = 2.0
+
+
+#: One line of help per ``EngineArgs`` field: the CLI builds every engine flag of ``generate``, ``serve``,
+#: ``bench``, ``simulate`` and ``profile`` from the fields and this table (``apexlib.cli.add_engine_arguments``).
+ENGINE_ARG_HELP: dict[str, str] = {
+    "model": "checkpoint directory or tiny preset name (e.g. demo)",
+    "dtype": "float32, float16, bfloat16 or auto (the checkpoint's; float16 runs as bfloat16 on a CPU)",
+    "device": "cpu, cuda, cuda:N or auto",
+    "block_size": "tokens per KV block",
+    "num_gpu_blocks": "GPU-tier KV blocks (default: sized from free device memory)",
+    "num_cpu_blocks": "CPU-tier KV blocks (default: 2 GiB worth for the hybrid policies, 0 for gpu_only)",
+    "gpu_kv_gib": "GPU-tier KV budget in GiB (instead of --num-gpu-blocks)",
+    "cpu_kv_gib": "CPU-tier KV budget in GiB (instead of --num-cpu-blocks)",
+    "policy": "gpu_only, hybrid, neo, neo_published or apex",
+    "max_model_len": "longest prompt + output in tokens (default: the checkpoint's, or the workload's)",
+    "max_num_seqs": "requests running at once",
+    "max_num_batched_tokens": "token budget of one iteration",
+    "enable_chunked_prefill": "split long prompts across iterations",
+    "seed": "engine seed (sampling)",
+    "cpu_attention_threads": "threads of the CPU-attention worker",
+    "cpu_attention_cpus": "comma-separated CPU ids of the CPU-attention worker",
+    "policy_options": "a policy option NAME=VALUE (repeatable): hybrid: hybrid_mode, cpu_placement; "
+                      "apex: iteration_time_bound, enable_pipeline, max_stall_iterations",
+    "profile_subtasks": "time every subtask of every iteration",
+    "attention_backend": "attention backend (auto picks by device)",
+    "cost_model": "neo/neo_published/apex: a profile JSON, 'roofline:<hardware>' or 'zero'",
+    "cpu_attention_timeout": "seconds one CPU-attention job may take before the iteration fails",
+}
 
 
 @dataclass(frozen=True)
@@ -47,13 +79,14 @@ class EngineArgs:
     seed: int = 0
     cpu_attention_threads: int | None = None
     cpu_attention_cpus: tuple[int, ...] | None = None
-    hybrid_mode: str = "async_overlap"
-    cpu_placement: str = "overflow"
+    # The policy's own options (apexlib.policies.options): a mapping of option name -> value or the
+    # options dataclass; validated here into that dataclass (e.g. {"hybrid_mode": "asymmetric_pipeline"}).
+    policy_options: Mapping[str, Any] | PolicyOptions | None = None
     profile_subtasks: bool = False
     attention_backend: str = "auto"
-    # neo/apex: a profile JSON from `apex profile`, "roofline:<hardware>" (apexlib.costs.hardware), or "zero".
-    cost_model: str | None = None
-    iteration_time_bound: float | None = None
+    # neo/neo_published/apex: a CostModel, a profile JSON from `apex profile`, "roofline:<hardware>"
+    # (apexlib.costs.hardware) or "zero" (apexlib.costs.load_cost_model).
+    cost_model: str | CostModel | None = None
     # Seconds the engine waits for one CPU-attention job before it raises (a stuck worker would hang step()).
     cpu_attention_timeout: float = DEFAULT_CPU_JOB_TIMEOUT
 
@@ -91,11 +124,15 @@ class EngineArgs:
         integer("cpu_attention_threads", 1, optional=True)
         number("gpu_kv_gib", optional=True)
         number("cpu_kv_gib", optional=True)
-        number("iteration_time_bound", optional=True)
         number("cpu_attention_timeout")
         for name in ("enable_chunked_prefill", "profile_subtasks"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.cost_model is not None and not isinstance(self.cost_model, (str, CostModel)):
+            raise TypeError(f"cost_model must be a CostModel, a profile path, 'roofline:<hardware>' or 'zero', got "
+                            f"{type(self.cost_model).__name__} {self.cost_model!r}")
+        # the policy's name and options, validated once (the frozen field holds the options dataclass)
+        object.__setattr__(self, "policy_options", policy_options(self.policy, self.policy_options))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -155,15 +192,13 @@ class EngineArgs:
                                     max(2048, max_model_len if not self.enable_chunked_prefill else 0)),
             enable_chunked_prefill=self.enable_chunked_prefill,
             policy=self.policy,
-            hybrid_mode=self.hybrid_mode,
-            cpu_placement=self.cpu_placement,
-            iteration_time_bound=self.iteration_time_bound,
         )
         return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=dtype, device=device,
                             seed=self.seed, cpu_attention_threads=self.cpu_attention_threads,
                             cpu_attention_cpus=tuple(self.cpu_attention_cpus) if self.cpu_attention_cpus else None,
                             profile_subtasks=self.profile_subtasks,
-                            cpu_attention_timeout=float(self.cpu_attention_timeout))
+                            cpu_attention_timeout=float(self.cpu_attention_timeout),
+                            policy_options=self.policy_options)
 
 
 def activation_reserve_bytes(model_config: ModelConfig, max_num_batched_tokens: int | None) -> int:

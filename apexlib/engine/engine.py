@@ -21,11 +21,12 @@ another thread waits for the current step to end instead of corrupting the queue
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-import operator
 import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,26 +37,23 @@ from apexlib.attention.backends import select_backend
 from apexlib.core.clock import clock
 from apexlib.core.config import EngineConfig, ModelConfig
 from apexlib.core.plan import IterationPlan
-from apexlib.core.request import CompletionOutput, Request, RequestMetrics, RequestOutput, SamplingParams
-from apexlib.core.stats import EngineStats
+from apexlib.core.request import Request, RequestOutput, SamplingParams, request_output
 from apexlib.costs import (
-    CostModel,
     ModelShape,
-    RooflineCostModel,
-    ZeroCostModel,
-    load_cost_model,
 )
 from apexlib.engine.args import EngineArgs, activation_reserve_bytes
-from apexlib.engine.scheduler import Scheduler
+from apexlib.engine.assemble import build_control_plane
+from apexlib.engine.prompts import PromptType, prompt_token_ids
+from apexlib.model.tiny import resolve_checkpoint
 from apexlib.model.weights import TORCH_DTYPES, load_model
-from apexlib.policies import PROFILED_POLICIES, policy_from_config
+from apexlib.policies.registry import policy_spec
 from apexlib.runner.kv_storage import KVStorage
+from apexlib.runner.machine import machine_cost_model
 from apexlib.runner.model_runner import ModelRunner
 from apexlib.runner.overlap import CpuAttentionWorker
 
 logger = logging.getLogger(__name__)
 
-PromptType = str | dict[str, Any] | list[int]
 
 
 class IterationError(RuntimeError):
@@ -70,20 +68,6 @@ class IterationError(RuntimeError):
                   f"failed: {failed_request_ids}" if failed_request_ids else "")
         super().__init__(f"{where} failed in {stage}: {type(error).__name__}: {error}. It was discarded "
                          f"(no request advanced){failed}; step() may be called again")
-
-
-def _token_id(token: Any, index: int, vocab_size: int) -> int:
-    """A prompt token id as an int (numpy/torch integer scalars included), checked against the vocabulary."""
-    if isinstance(token, bool) or type(token).__name__ in ("bool_", "bool"):
-        raise ValueError(f"prompt_token_ids[{index}]={token!r} is a bool, not a token id")
-    try:
-        value = operator.index(token)
-    except TypeError:
-        raise ValueError(f"prompt_token_ids[{index}]={token!r} is not an integer token id "
-                         f"(got {type(token).__name__})") from None
-    if not 0 <= value < vocab_size:
-        raise ValueError(f"prompt_token_ids[{index}]={value!r} is outside the vocabulary [0, {vocab_size})")
-    return value
 
 
 def resolve_device(device: str) -> str:
@@ -120,8 +104,8 @@ class StepRecord:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
-        self.step_log: list[StepRecord] | None = None
-        model_config = ModelConfig.from_pretrained(args.model)
+        self._step_log: list[StepRecord] | None = None
+        model_config = ModelConfig.from_pretrained(resolve_checkpoint(args.model))
         device = resolve_device(args.device)
         dtype = args.resolve_dtype(model_config, device)
         self.model = load_model(model_config, dtype, device)
@@ -141,19 +125,11 @@ class LLMEngine:
             self.cpu_storage = KVStorage(model_config.num_layers, cache.num_cpu_blocks, cache.block_size,
                                          model_config.num_kv_heads, model_config.head_dim, torch_dtype, "cpu",
                                          pin_memory=torch.cuda.is_available())
-        self.stats = EngineStats()
-        self.cost_model = None
-        transfer_bytes, transfer_fraction = 0, 0.75
-        if self.config.scheduler.policy in PROFILED_POLICIES:
-            self.cost_model = build_cost_model(args.cost_model, model_config, dtype, device)
-            to_cpu, back = ModelShape.from_config(model_config).cpu_token_transfer_bytes(dtype)
-            transfer_fraction = to_cpu / (to_cpu + back)
-            if device != "cpu":  # with device=cpu the CPU rows are already in host memory: nothing moves
-                transfer_bytes = to_cpu + back
-        self.scheduler = Scheduler(self.config.scheduler, cache,
-                                   policy_from_config(self.config.scheduler, self.cost_model, transfer_bytes,
-                                                      transfer_fraction),
-                                   self.stats)
+        cost_model = None
+        if policy_spec(self.config.scheduler.policy).needs_cost_model:
+            cost_model = machine_cost_model(args.cost_model, ModelShape.from_config(model_config), dtype, device)
+        control = build_control_plane(self.config, cost_model)
+        self.scheduler, self.stats, self.cost_model = control.scheduler, control.stats, control.cost_model
         worker = None
         if self.cpu_storage is not None:
             worker = CpuAttentionWorker(self.config.cpu_attention_cpus, self.config.cpu_attention_threads,
@@ -186,33 +162,7 @@ class LLMEngine:
 
     def prompt_token_ids(self, prompt: PromptType) -> tuple[list[int], str | None]:
         """Validate a prompt and return its token ids (and its text when given as a string)."""
-        vocab_size = self.config.model.vocab_size
-        text = None
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if self.tokenizer is None:
-                raise ValueError(f"prompt is a string but the checkpoint at {self.config.model.path} has no "
-                                 f"tokenizer; pass {{'prompt_token_ids': [...]}}")
-            text = prompt
-            token_ids = list(self.tokenizer(prompt)["input_ids"])
-        elif isinstance(prompt, dict):
-            if "prompt_token_ids" not in prompt:
-                raise ValueError(f"prompt dict needs the field 'prompt_token_ids', got fields {sorted(prompt)}")
-            token_ids = _as_token_list(prompt["prompt_token_ids"], "prompt_token_ids")
-            text = prompt.get("prompt")
-        elif isinstance(prompt, (list, tuple)) or hasattr(prompt, "tolist"):
-            token_ids = _as_token_list(prompt, "prompt")
-        else:
-            raise ValueError(f"prompt must be a string or {{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
-        if not token_ids:
-            raise ValueError("prompt is empty (prompt_token_ids has no tokens)")
-        token_ids = [_token_id(token, index, vocab_size) for index, token in enumerate(token_ids)]
-        max_model_len = self.config.scheduler.max_model_len
-        if len(token_ids) >= max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; max_model_len is {max_model_len} (the prompt "
-                             f"plus at least one generated token must fit)")
-        return token_ids, text
+        return prompt_token_ids(prompt, self.config.model, self.config.scheduler.max_model_len, self.tokenizer)
 
     def add_request(self, request_id: str | None, prompt: PromptType, sampling_params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> str:
@@ -260,6 +210,18 @@ class LLMEngine:
                 if request is not None:
                     request.finish_time = now
 
+    @contextlib.contextmanager
+    def recording_steps(self) -> Iterator[list[StepRecord]]:
+        """A list that receives one :class:`StepRecord` per ``step()`` while the block runs."""
+        records: list[StepRecord] = []
+        with self._lock:
+            previous, self._step_log = self._step_log, records
+        try:
+            yield records
+        finally:
+            with self._lock:
+                self._step_log = previous
+
     def close(self) -> None:
         """Stop the CPU-attention worker thread (also happens at interpreter exit: it is a daemon)."""
         self.runner.close()
@@ -275,8 +237,8 @@ class LLMEngine:
         """One iteration: schedule -> execute -> update. Returns outputs of requests that advanced
         (``final_only`` requests: only when they finish).
 
-        Set ``engine.step_log`` to a list to receive one :class:`StepRecord` per step (the profiler's
-        calibration runs measure the engine's own per-step overhead with it).
+        Inside ``with engine.recording_steps() as records:`` each step appends one :class:`StepRecord`
+        (the profiler's calibration and accuracy runs read the plans and the measured times from them).
 
         Requests aborted or failed since the previous step come back once, finished. An error of the
         whole iteration raises :class:`IterationError` after discarding the iteration (module docstring).
@@ -285,7 +247,7 @@ class LLMEngine:
             return self._step()
 
     def _step(self) -> list[RequestOutput]:
-        log = self.step_log
+        log = self._step_log
         scheduler = self.scheduler
         started = clock()
         plan = None
@@ -321,64 +283,12 @@ class LLMEngine:
         return outputs
 
     def _output(self, request: Request) -> RequestOutput:
-        finished = request.is_finished
         text = ""
         error = request.error
-        if finished and self.tokenizer is not None:
+        if request.is_finished and self.tokenizer is not None:
             try:
                 text = self.tokenizer.decode(request.output_token_ids, skip_special_tokens=True)
             except Exception as decode_error:  # this request's problem: its tokens still come back
                 error = f"detokenizing failed: {type(decode_error).__name__}: {decode_error}"
                 logger.warning("request %s: %s", request.request_id, error)
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=tuple(request.prompt_token_ids),
-            outputs=(CompletionOutput(index=0, text=text, token_ids=tuple(request.output_token_ids),
-                                      finish_reason=request.status.finish_reason),),
-            finished=finished,
-            metrics=RequestMetrics(
-                arrival_time=request.arrival_time,
-                first_scheduled_time=request.first_scheduled_time,
-                first_token_time=request.token_times[0] if request.token_times else None,
-                finished_time=request.finish_time,
-                token_times=tuple(request.token_times),
-                num_preemptions=request.num_preemptions,
-            ),
-            error=error,
-        )
-
-
-def _as_token_list(value: Any, field_name: str) -> list[Any]:
-    """A list of token ids from a list, tuple, or a 1-D numpy array / torch tensor."""
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        if getattr(value, "ndim", 1) != 1:
-            raise ValueError(f"{field_name} must be one-dimensional, got shape {tuple(value.shape)}")
-        value = value.tolist()
-    if isinstance(value, (str, bytes, dict)):
-        raise ValueError(f"{field_name} must be a list of token ids, got {type(value).__name__}")
-    try:
-        return list(value)
-    except TypeError:
-        raise ValueError(f"{field_name} must be a list of token ids, got {type(value).__name__}") from None
-
-
-def build_cost_model(spec: str | None, model_config: ModelConfig, dtype: str, device: str) -> CostModel:
-    """A profile JSON path (measured by ``apex profile``, or a datasheet profile), ``roofline:<hardware>``,
-    or ``zero``; None: a roofline of this machine (device=cpu), logged as a stand-in until ``apex profile``
-    has been run."""
-    from apexlib.costs.hardware import get_hardware
-
-    shape = ModelShape.from_config(model_config)
-    if spec == "zero":
-        return ZeroCostModel()
-    if spec is not None and spec.startswith("roofline:"):
-        return RooflineCostModel(get_hardware(spec.split(":", 1)[1]), shape, dtype)
-    if spec is not None:
-        return load_cost_model(spec, shape, dtype)
-    if device != "cpu":
-        raise ValueError("policies neo/apex on a GPU need cost_model=<profile from `apex profile`> or "
-                         "'roofline:<hardware>'")
-    logger.warning("no cost_model given: predicting from a roofline of this machine; run `apex profile` for "
-                   "measured tables")
-    return RooflineCostModel(get_hardware("this-machine"), shape, dtype)
+        return request_output(request, text, error)

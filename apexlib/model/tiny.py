@@ -1,5 +1,8 @@
 """Deterministic tiny LLaMA checkpoints and an offline-trained tokenizer.
 
+Size: one concern, a checkpoint on disk byte-identical on every machine (config, weights, tokenizer,
+the cache that reuses it and the random 7B-shape writer); its pieces only make sense together.
+
 Tests, examples and the notebooks' embedded demo need a real Hugging Face checkpoint that is
 small, built offline, and identical on every machine. :func:`build_tiny_checkpoint` writes one:
 
@@ -645,3 +648,15 @@ __all__ = [
     "tiny_tokenizer_json",
     "write_random_checkpoint",
 ]
+
+
+def resolve_checkpoint(model: str | os.PathLike[str]) -> str:
+    """The checkpoint directory a ``model`` argument names: a directory as given, or a tiny preset name
+    (:data:`TINY_PRESETS`, e.g. ``"demo"``) built once into the tiny cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path)
+    if str(model) in TINY_PRESETS:
+        return str(tiny_checkpoint(str(model)))
+    raise FileNotFoundError(f"model path {str(model)!r} does not exist (and is not a tiny preset: "
+                            f"{sorted(TINY_PRESETS)})")

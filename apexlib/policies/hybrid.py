@@ -1,10 +1,10 @@
 """A fixed-mode hybrid policy: the mechanism without the cost model.
 
-New requests go to the GPU tier while it has room and overflow to the CPU tier (``placement =
+New requests go to the GPU tier while it has room and overflow to the CPU tier (``cpu_placement =
 "overflow"``), or all go to the CPU tier (``"cpu"``, a test and measurement hook); when the GPU tier
 runs out, the newest GPU-resident decode is swapped out to the CPU tier; CPU-resident requests are
 swapped back under the 95% hysteresis. Every iteration with CPU-resident decodes runs in the one
-configured ``mode``. The profiling-informed policies (``neo``, ``apex``) choose the mode per
+configured ``hybrid_mode``. The profiling-informed policies (``neo``, ``apex``) choose the mode per
 iteration instead.
 """
 
@@ -14,19 +14,18 @@ from apexlib.core.plan import OverlapMode, Tier
 from apexlib.core.request import Request
 from apexlib.kvcache.manager import KVCacheManager
 from apexlib.policies.base import Policy
-
-PLACEMENTS = ("overflow", "cpu")
+from apexlib.policies.options import HybridOptions
 
 
 class HybridPolicy(Policy):
     name = "hybrid"
     uses_cpu_tier = True
 
-    def __init__(self, mode: OverlapMode | str = OverlapMode.ASYNC_OVERLAP, placement: str = "overflow") -> None:
-        self.mode = OverlapMode(mode)
-        if placement not in PLACEMENTS:
-            raise ValueError(f"hybrid placement must be one of {PLACEMENTS}, got {placement!r}")
-        self.placement = placement
+    def __init__(self, hybrid_mode: OverlapMode | str = OverlapMode.ASYNC_OVERLAP,
+                 cpu_placement: str = "overflow") -> None:
+        options = HybridOptions(OverlapMode(hybrid_mode).value, cpu_placement)  # validates both
+        self.mode = OverlapMode(options.hybrid_mode)
+        self.placement = options.cpu_placement
 
     def admission_tier(self, request: Request, num_total_tokens: int, kv: KVCacheManager) -> Tier | None:
         if self.placement == "overflow" and kv.can_allocate(request.request_id, num_total_tokens, Tier.GPU):

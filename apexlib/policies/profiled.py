@@ -10,11 +10,14 @@ iteration runs its CPU-resident decodes, decided from a ``CostModel``'s predicti
   "slack" rule: sub-batch B's CPU job hides under A's linear work and device attention, A's under
   B's linear work); then the pipelined iteration is compared with the GPU-only one by predicted
   tokens per second and the better runs. CPU-resident requests do not advance in GPU-only iterations.
-- ``ApexPolicy``: per iteration, the predicted tokens/s of GPU-only, of asynchronous overlap with a
-  chosen set of CPU decodes, and of NEO's asymmetric pipelining; the best runs. The overlap set is
-  grown in order of increasing context (cheapest CPU attention first) while the predicted tokens/s
-  rises and an optional per-iteration time bound (a TPOT bound) holds: one pass with incremental
-  sums, no search over subsets.
+- ``NeoPublishedPolicy``: NEO's decision as its public code makes it (the launch charge of its
+  predictor included), on its single-thread runtime (``CpuRuntime.INLINE``).
+- ``ApexPolicy``: NEO's plan is the reference; APEX leaves it only for a plan that advances at least
+  the same requests at a higher predicted rate (asynchronous overlap: one batch, CPU attention
+  overlapping device attention), adds CPU decodes only while their job hides under the device
+  attention, forces in the longest-waiting CPU decode once it is overdue (``max_stall_iterations``),
+  and keeps an optional per-iteration time bound (a TPOT bound). The rule and its derivation are in
+  its docstring.
 
 Tokens per second counts the tokens an iteration emits (one per sampled sequence). Every plan
 carries its prediction (``IterationPlan.predicted``) so the engine can compare it with measurement.
@@ -29,6 +32,7 @@ from apexlib.core.request import Request
 from apexlib.costs import CostModel, IterationShape, predict_iteration
 from apexlib.kvcache.manager import KVCacheManager
 from apexlib.policies.base import IterationCandidate, IterationDecision, Policy
+from apexlib.policies.options import DEFAULT_MAX_STALL_ITERATIONS, ApexOptions
 
 
 class _ProfiledPolicy(Policy):
@@ -140,7 +144,6 @@ class NeoPolicy(_ProfiledPolicy):
         return self._neo_plan(candidate)[1]
 
 
-DEFAULT_MAX_STALL_ITERATIONS = 32
 
 
 class ApexPolicy(_ProfiledPolicy):
@@ -195,11 +198,7 @@ class ApexPolicy(_ProfiledPolicy):
                  transfer_to_cpu_fraction: float = 0.75, iteration_time_bound: float | None = None,
                  enable_pipeline: bool = True, max_stall_iterations: int = DEFAULT_MAX_STALL_ITERATIONS) -> None:
         super().__init__(cost_model, transfer_bytes_per_cpu_token, transfer_to_cpu_fraction)
-        if iteration_time_bound is not None and not iteration_time_bound > 0:
-            raise ValueError(f"iteration_time_bound must be > 0 seconds, got {iteration_time_bound}")
-        if isinstance(max_stall_iterations, bool) or not isinstance(max_stall_iterations, int) \
-                or max_stall_iterations < 0:
-            raise ValueError(f"max_stall_iterations must be an int >= 0, got {max_stall_iterations!r}")
+        ApexOptions(iteration_time_bound, enable_pipeline, max_stall_iterations)  # validates them
         self.iteration_time_bound = iteration_time_bound
         self.enable_pipeline = enable_pipeline
         self.max_stall_iterations = max_stall_iterations

@@ -1,5 +1,8 @@
 """Measure every subtask of an iteration on this hardware, through the real engine and runner.
 
+Size: one concern, the measured grid and the tables fitted from it (the calibration and the accuracy
+report are :mod:`apexlib.profiling.calibrate` and :mod:`apexlib.profiling.accuracy`).
+
 ``profile_model(settings)`` builds an ``LLMEngine`` with ``policy="hybrid"`` (so a CPU KV tier and
 the CPU-attention worker exist) and ``profile_subtasks=True``, then drives ``engine.runner.execute``
 with hand-built ``IterationPlan``s (block tables taken straight from block ids; the KV pools are
@@ -28,22 +31,20 @@ layers) of one iteration::
        "launch_overhead": {"seconds": c, "per_sequence_seconds": d, "method": str},
        "hybrid_calibration": {"modes": {mode: {device_slowdown, cpu_slowdown, per_job_seconds,
                               serial_fraction, median_relative_error, points}}, "points_from_grid",
-                              "points_from_engine_runs", "method"},   # see _fit_hybrid / _calibration_runs
+                              "points_from_engine_runs", "method"},   # see apexlib.profiling.calibrate
        "engine_step_overhead": {"seconds", "per_sequence_seconds", "steps", "median_seconds", "method"}},
-     "accuracy": (optional) the --check report}
+     "accuracy": (optional) the --check report (:mod:`apexlib.profiling.accuracy`)}
 
-The hybrid calibration is fitted twice: on the grid's mixed iterations, then (with that preliminary
+The hybrid calibration (:mod:`apexlib.profiling.calibrate`) is fitted twice: on the grid's mixed iterations, then (with that preliminary
 profile driving the ``neo`` and ``apex`` policies through a calibration workload on a real engine) on
 the grid's and the engine runs' iterations together.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -51,20 +52,20 @@ import statistics
 import sys
 import time
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from apexlib.core.host import cpu_short_name
 from apexlib.costs import (
     PROFILE_SCHEMA,
-    CostModel,
     ModelShape,
-    TableCostModel,
-    predict_iteration,
     shape_from_plan,
 )
 from apexlib.costs.table import DecodeFit, Grid
+from apexlib.model.tiny import resolve_checkpoint
+from apexlib.profiling.calibrate import calibration_runs, fit_hybrid
 
 logger = logging.getLogger(__name__)
 
@@ -121,28 +122,6 @@ class ProfileSettings:
                 if not values or any(not isinstance(v, int) or v < 1 for v in values):
                     raise ValueError(f"grid[{name!r}] must be positive ints, got {values!r}")
             object.__setattr__(self, "grid", types.MappingProxyType({k: tuple(v) for k, v in self.grid.items()}))
-
-
-def resolve_model(model: str) -> str:
-    """A checkpoint directory, or a tiny preset name built into the tiny cache."""
-    if Path(model).expanduser().is_dir():
-        return str(Path(model).expanduser())
-    from apexlib.model.tiny import TINY_PRESETS, tiny_checkpoint
-
-    if model in TINY_PRESETS:
-        return str(tiny_checkpoint(model))
-    raise FileNotFoundError(f"--model {model!r} is neither a checkpoint directory nor a tiny preset "
-                            f"({sorted(TINY_PRESETS)})")
-
-
-def cpu_short_name(cpu_model: str, simd: Iterable[str] = ()) -> str:
-    """A file-name-friendly CPU label: 'xeon-spr' for a Sapphire Rapids Xeon (AMX), else slugged."""
-    lowered = cpu_model.lower()
-    if "xeon" in lowered and "amx_tile" in set(simd):
-        return "xeon-spr"
-    slug = re.sub(r"\(r\)|\(tm\)|cpu|processor|@.*", " ", lowered)
-    slug = re.sub(r"[^a-z0-9]+", "-", slug).strip("-")
-    return slug or "cpu"
 
 
 def _median_seconds(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -265,7 +244,7 @@ def build_engine(settings: ProfileSettings, num_blocks: int, max_model_len: int,
     from apexlib.engine.args import EngineArgs
     from apexlib.engine.engine import LLMEngine
 
-    arguments = dict(model=resolve_model(settings.model), device=settings.device, dtype=settings.dtype,
+    arguments = dict(model=resolve_checkpoint(settings.model), device=settings.device, dtype=settings.dtype,
                      block_size=settings.block_size, policy="hybrid", num_gpu_blocks=num_blocks,
                      num_cpu_blocks=num_blocks, max_model_len=max_model_len, profile_subtasks=True,
                      seed=settings.seed)
@@ -311,7 +290,7 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
 
     grid = dict(QUICK_GRID if settings.quick else FULL_GRID)
     grid.update(settings.grid or {})
-    model_path = resolve_model(settings.model)
+    model_path = resolve_checkpoint(settings.model)
     config = ModelConfig.from_pretrained(model_path)
     limit = config.max_position_embeddings - 1
     grid["prefill_lengths"] = tuple(n for n in grid["prefill_lengths"] if n <= limit)
@@ -379,12 +358,12 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
             "method": "least squares of (iteration - linear - gpu_attention - sample) over the GPU decode "
                       "iterations against their sequence count"}
         shape = ModelShape.from_config(config, name=Path(model_path).name)
-        tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples)
+        tables["hybrid_calibration"] = fit_hybrid(tables, shape, hybrid_samples)
         preliminary = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
         calibration_samples, step_overhead = [], []
         if settings.calibration_requests != 0:
-            calibration_samples, step_overhead = _calibration_runs(settings, model_path, config, preliminary)
-            tables["hybrid_calibration"] = _fit_hybrid(tables, shape, hybrid_samples, calibration_samples)
+            calibration_samples, step_overhead = calibration_runs(settings, model_path, config, preliminary)
+            tables["hybrid_calibration"] = fit_hybrid(tables, shape, hybrid_samples, calibration_samples)
         if step_overhead:
             intercept, slope = _fit_line([n for n, _ in step_overhead], [t for _, t in step_overhead])
             tables["engine_step_overhead"] = {
@@ -454,7 +433,6 @@ def _measure_transfers(engine: Any, block_counts: Sequence[int], settings: Profi
 def _measure_hybrid(bench: _Bench, grid: dict[str, Sequence[int]], bar) -> list[tuple[Any, float]]:
     """Mixed iterations (GPU + CPU decodes) in both hybrid modes: (shape, measured iteration seconds)."""
     from apexlib.core.plan import OverlapMode, Tier
-    from apexlib.costs import shape_from_plan
 
     samples = []
     # the pipeline in both shapes a policy builds: the CPU rows split across the sub-batches, or
@@ -479,125 +457,6 @@ def _measure_hybrid(bench: _Bench, grid: dict[str, Sequence[int]], bar) -> list[
     return samples
 
 
-CALIBRATION_REQUESTS = {"quick": 16, "full": 32}
-
-
-def _calibration_runs(settings: ProfileSettings, model_path: str, config: Any,
-                      preliminary: dict[str, Any]) -> tuple[list[tuple[Any, float]], list[tuple[int, float]]]:
-    """Real engine runs of the profiled policies: (mixed iterations as (shape, runner seconds),
-    per-step engine overhead as (sequences in the plan, seconds)).
-
-    The grid repeats one uniform batch per point; the iterations the policies build differ from it
-    in what a grid does not show: contexts that differ within a batch, NEO's and APEX's own batch
-    splits, a new plan every step. So ``neo`` and then ``apex`` run a seeded decode-heavy calibration
-    workload (prompts uniform 8-96, outputs 32-192 tokens, seed ``settings.seed + 1``; not a
-    benchmark preset) through the benchmark loop (``drive_engine``), deciding with the ``preliminary``
-    profile (the tables plus a grid-only fit), with a GPU tier of 32 blocks so that most iterations
-    are mixed. Their hybrid iterations (no prefill in them; the first two of each run dropped as
-    warm-up) join the grid's samples in the final fit, with the same total weight as the grid's. The
-    engine's own per-step cost beyond the scheduler and the runner (output building, the driving
-    loop) is the gap between consecutive steps minus scheduling, execution and the scheduler's update
-    (``LLMEngine.step_log``). ``config`` is the ``ModelConfig`` of ``model_path``."""
-    import tempfile
-
-    from apexlib.bench.runner import drive_engine, prepare_workload, special_token_ids
-    from apexlib.core.plan import OverlapMode
-    from apexlib.engine.args import EngineArgs
-    from apexlib.engine.engine import LLMEngine
-    from apexlib.workloads import Uniform, make_workload
-
-    count = settings.calibration_requests or CALIBRATION_REQUESTS["quick" if settings.quick else "full"]
-    limit = min(config.max_position_embeddings, 512)
-    workload = make_workload("profile-calibration", count, Uniform(8, min(96, limit // 4)),
-                             Uniform(32, min(192, limit // 2)), seed=settings.seed + 1, max_model_len=limit)
-    workload = prepare_workload(workload, config.vocab_size, special_token_ids(model_path, config.vocab_size),
-                                settings.seed + 1)
-    hybrid: list[tuple[Any, float]] = []
-    overhead: list[tuple[int, float]] = []
-    with tempfile.TemporaryDirectory() as scratch:
-        profile_path = Path(scratch) / "preliminary.json"
-        profile_path.write_text(json.dumps(preliminary))
-        for policy in ("neo", "apex"):
-            engine = LLMEngine(EngineArgs(
-                model=model_path, device=settings.device, dtype=settings.dtype, block_size=settings.block_size,
-                policy=policy, cost_model=str(profile_path), num_gpu_blocks=max(32, -(-limit // settings.block_size)),
-                # a host tier for the whole workload, no larger (pinned memory: 4 GiB for a 7B shape, not 32)
-                num_cpu_blocks=count * -(-limit // settings.block_size), max_model_len=limit, profile_subtasks=True,
-                seed=settings.seed))
-            try:
-                engine.step_log = []
-                drive_engine(engine, workload, "offline", progress=False)
-                records = [r for r in engine.step_log if r.plan.sequences][2:]
-            finally:
-                engine.close()
-            for record, following in zip(records[:-1], records[1:], strict=True):
-                overhead.append((len(record.plan.sequences), following.started - record.started
-                                 - record.schedule_seconds - record.execute_seconds - record.update_seconds))
-            for record in records:
-                shape = shape_from_plan(record.plan)
-                if shape.mode is not OverlapMode.NONE and not shape.prefill_lengths:
-                    hybrid.append((shape, record.subtask_seconds["iteration"]))
-    return hybrid, overhead
-
-
-def _fit_hybrid(tables: dict[str, Any], shape: ModelShape, samples: list[tuple[Any, float]],
-                engine_samples: Sequence[tuple[Any, float]] = ()) -> dict[str, Any]:
-    """Per hybrid mode, the ``HybridAdjustment`` that best explains the mixed iterations given the
-    single-subtask tables (weighted least relative squares): device slowdown s on a 0.05 grid and CPU
-    slowdown c on a 0.1 grid, both in [1, 2], serial fraction a on a 0.1 grid in [0, 1] (async overlap
-    only), per-job seconds j >= 0 fitted in closed form for each (s, c, a). See ``predict_iteration``.
-
-    ``samples`` are the grid's iterations; ``engine_samples`` those of real engine runs, which weigh
-    as much in total as the grid's (per mode), however many there are."""
-    from apexlib.core.plan import OverlapMode
-    from apexlib.costs import HybridAdjustment
-
-    result: dict[str, Any] = {"method": "least relative squares over mixed GPU+CPU decode iterations measured "
-                                        "with the same runner: device work x device_slowdown, CPU attention x "
-                                        "cpu_slowdown, + per_job_seconds per CPU job (layer x sub-batch), + "
-                                        "serial_fraction x the shorter of (device attention, CPU job)", "modes": {}}
-    base_profile = {"schema": PROFILE_SCHEMA, "model_shape": shape.to_dict(), "tables": tables}
-    model = TableCostModel(base_profile)
-    for mode in (OverlapMode.ASYNC_OVERLAP, OverlapMode.ASYMMETRIC_PIPELINE):
-        grid = [(p, m) for p, m in samples if p.mode is mode and m > 0]
-        engine = [(p, m) for p, m in engine_samples if p.mode is mode and m > 0]
-        points = grid + engine
-        if not points:
-            continue
-        engine_weight = len(grid) / len(engine) if (grid and engine) else 1.0
-        weights = [1.0] * len(grid) + [engine_weight] * len(engine)
-        jobs = [shape.num_layers * (2 if (mode is OverlapMode.ASYMMETRIC_PIPELINE and p.pipeline_split
-                                          and p.pipeline_split[1]) else 1) for p, _ in points]
-        best = None
-        serial_grid = [0.1 * k for k in range(11)] if mode is OverlapMode.ASYNC_OVERLAP else [0.0]
-        for step in range(21):
-            for cpu_step in range(11):
-                for serial in serial_grid:
-                    adjustment = HybridAdjustment(0.0, 1.0 + 0.05 * step, serial, 1.0 + 0.1 * cpu_step)
-                    model._hybrid[mode] = adjustment
-                    bases = [predict_iteration(model, p).total for p, _ in points]
-                    numerator = sum(w * n * (m - b) / m**2
-                                    for (_, m), b, n, w in zip(points, bases, jobs, weights, strict=True))
-                    denominator = sum(w * n * n / m**2 for (_, m), n, w in zip(points, jobs, weights, strict=True))
-                    adjustment = dataclasses.replace(adjustment, per_job_seconds=max(0.0, numerator / denominator))
-                    model._hybrid[mode] = adjustment  # the pipeline's job cost sits inside a max(): re-evaluate
-                    errors = [abs(predict_iteration(model, p).total - m) / m for p, m in points]
-                    score = sum(w * e * e for e, w in zip(errors, weights, strict=True))
-                    if best is None or score < best[0]:
-                        best = (score, adjustment, errors)
-        result["modes"][mode.value] = {"device_slowdown": best[1].device_slowdown,
-                                       "cpu_slowdown": best[1].cpu_slowdown,
-                                       "per_job_seconds": best[1].per_job_seconds,
-                                       "serial_fraction": best[1].serial_fraction,
-                                       "median_relative_error": statistics.median(best[2]),
-                                       "median_relative_error_grid": (statistics.median(best[2][:len(grid)])
-                                                                      if grid else None),
-                                       "median_relative_error_engine_runs": (statistics.median(best[2][len(grid):])
-                                                                             if engine else None),
-                                       "points": len(points), "points_from_engine_runs": len(engine)}
-    return result
-
-
 def write_profile(profile: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -617,127 +476,3 @@ def default_profile_path(profile: dict[str, Any]) -> Path:
 # ----------------------------------------------------------------------------------------------
 # accuracy
 # ----------------------------------------------------------------------------------------------
-def default_workload(num_requests: int = 24, seed: int = 0, max_prompt: int = 384,
-                     max_output: int = 96) -> list[tuple[int, int]]:
-    """(prompt length, output length) pairs with varied lengths (seeded)."""
-    rng = random.Random(seed)
-    return [(rng.randint(8, max_prompt), rng.randint(8, max_output)) for _ in range(num_requests)]
-
-
-def _relative_errors(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    errors = sorted(abs(r["predicted"] - r["measured"]) / r["measured"] for r in rows if r["measured"] > 0)
-    signed = [(r["predicted"] - r["measured"]) / r["measured"] for r in rows if r["measured"] > 0]
-    overhead = sorted(r["predict_seconds"] / r["measured"] for r in rows if r["measured"] > 0)
-
-    def quantile(values: list[float], q: float) -> float:
-        return values[min(len(values) - 1, int(math.ceil(q * len(values))) - 1)] if values else float("nan")
-
-    return {"iterations": len(errors), "median_relative_error": quantile(errors, 0.5),
-            "p90_relative_error": quantile(errors, 0.9),
-            "median_signed_error": statistics.median(signed) if signed else float("nan"),
-            "median_prediction_overhead_fraction": quantile(overhead, 0.5),
-            "p90_prediction_overhead_fraction": quantile(overhead, 0.9)}
-
-
-def accuracy_report(engine_or_args: Any, cost_model: CostModel, workload: Sequence[tuple[int, int]] | None = None,
-                    skip_iterations: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Run ``workload`` through a real engine, predicting each iteration from its plan's shape.
-
-    ``engine_or_args``: an ``LLMEngine`` (built with ``profile_subtasks=True``) or ``EngineArgs`` (built,
-    used and closed here). ``workload``: (prompt length, output length) pairs (default:
-    :func:`default_workload`); all requests are added at once. Each step runs schedule -> predict ->
-    execute -> update; the measured time is the runner's ``iteration`` seconds (the scheduler is not
-    in it), the prediction is ``predict_iteration(cost_model, shape_from_plan(plan))`` and its own
-    cost (shape + prediction) is timed. Returns ``{"by_mode": {mode: stats}, "all": stats, "rows": [...]}``
-    with median / p90 relative error and the prediction overhead as a fraction of the iteration.
-    """
-    from apexlib.core.clock import clock
-    from apexlib.core.request import SamplingParams
-    from apexlib.engine.args import EngineArgs
-    from apexlib.engine.engine import LLMEngine
-
-    owned = isinstance(engine_or_args, EngineArgs)
-    engine = LLMEngine(engine_or_args) if owned else engine_or_args
-    try:
-        if not engine.runner.profile:
-            raise ValueError("accuracy_report needs an engine built with profile_subtasks=True")
-        model = engine.config.model
-        shape = ModelShape.from_config(model)
-        cuda = engine.config.device.startswith("cuda")
-        to_cpu, back = shape.cpu_token_transfer_bytes(engine.config.dtype)
-        bytes_per_token = to_cpu + back if cuda else 0  # device=cpu: the runner copies nothing
-        fraction = to_cpu / (to_cpu + back)
-        bytes_per_block = engine.gpu_storage.bytes_per_block
-        rng = random.Random(seed)
-        for prompt_length, output_length in (workload or default_workload(seed=seed)):
-            tokens = [rng.randrange(4, model.vocab_size) for _ in range(prompt_length)]
-            engine.add_request(None, {"prompt_token_ids": tokens},
-                               SamplingParams(max_tokens=output_length, temperature=0.0, ignore_eos=True))
-        rows = []
-        while engine.has_unfinished_requests():
-            plan = engine.scheduler.schedule(clock())
-            started = time.perf_counter()
-            iteration_shape = shape_from_plan(plan, bytes_per_token, bytes_per_block, fraction)
-            predicted = predict_iteration(cost_model, iteration_shape)
-            predict_seconds = time.perf_counter() - started
-            output = engine.runner.execute(plan)
-            engine.scheduler.update_from_output(plan, output, clock())
-            if not plan.sequences:
-                continue
-            measured = output.subtask_seconds
-            rows.append({"iteration": plan.iteration, "mode": iteration_shape.mode.value,
-                         "num_tokens": iteration_shape.num_tokens, "prefills": len(iteration_shape.prefill_lengths),
-                         "gpu_decodes": iteration_shape.num_gpu_decodes,
-                         "cpu_decodes": iteration_shape.num_cpu_decodes,
-                         "swapped_blocks": len(plan.swap_in) + len(plan.swap_out),
-                         "measured": measured["iteration"], "predicted": predicted.total,
-                         "predict_seconds": predict_seconds,
-                         **{f"measured_{k}": v for k, v in measured.items() if k != "iteration"},
-                         **{f"predicted_{k}": getattr(predicted, k) for k in
-                            ("linear", "gpu_attention", "cpu_attention", "transfer", "overhead")}})
-        rows = rows[skip_iterations:]
-        modes = sorted({r["mode"] for r in rows})
-        return {"by_mode": {m: _relative_errors([r for r in rows if r["mode"] == m]) for m in modes},
-                "all": _relative_errors(rows), "rows": rows,
-                "engine": {"policy": engine.config.scheduler.policy, "hybrid_mode": engine.config.scheduler.hybrid_mode,
-                           "num_gpu_blocks": engine.config.cache.num_gpu_blocks,
-                           "num_cpu_blocks": engine.config.cache.num_cpu_blocks},
-                "cost_model": {"source": cost_model.source, "extrapolated": getattr(cost_model, "extrapolated", 0)}}
-    finally:
-        if owned:
-            engine.close()
-
-
-def check_profile(settings: ProfileSettings, cost_model: CostModel, workload: Sequence[tuple[int, int]] | None = None,
-                  num_gpu_blocks: int = 64) -> dict[str, Any]:
-    """The ``--check`` report: the workload once per execution mode with a GPU tier too small for it
-    (so CPU-tier decodes and swaps happen), errors per plan mode.
-
-    Every run, GPU-only included, has a CPU tier and hence the CPU-attention worker: with device=cpu the
-    worker takes cores from torch, and the profile was measured that way; a GPU-only engine without it
-    would give torch every core, a different machine from the profile's point of view (measured: ~30%
-    over-prediction in mode none)."""
-    from apexlib.core.config import ModelConfig
-    from apexlib.engine.args import EngineArgs
-
-    model_path = resolve_model(settings.model)
-    config = ModelConfig.from_pretrained(model_path)
-    report: dict[str, Any] = {"runs": {}}
-    for mode in ("none", "async_overlap", "asymmetric_pipeline"):
-        args = EngineArgs(model=model_path, device=settings.device, dtype=settings.dtype,
-                          block_size=settings.block_size, policy="gpu_only" if mode == "none" else "hybrid",
-                          hybrid_mode="async_overlap" if mode == "none" else mode, num_gpu_blocks=num_gpu_blocks,
-                          num_cpu_blocks=4096,  # every run with the CPU worker: the profile's thread layout
-                          max_model_len=min(config.max_position_embeddings, 1024), profile_subtasks=True,
-                          seed=settings.seed)
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-        result = accuracy_report(args, cost_model, workload, seed=settings.seed)
-        report["runs"][mode] = {k: v for k, v in result.items() if k != "rows"}
-        report["runs"][mode]["load_average_1min"] = {  # other processes on the cores distort the measurement
-            "before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-        report["runs"][mode]["rows"] = result["rows"]
-    all_rows = [r for run in report["runs"].values() for r in run["rows"]]
-    modes = sorted({r["mode"] for r in all_rows})
-    report["by_mode"] = {m: _relative_errors([r for r in all_rows if r["mode"] == m]) for m in modes}
-    report["all"] = _relative_errors(all_rows)
-    return report

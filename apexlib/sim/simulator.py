@@ -1,18 +1,21 @@
 """The simulator: the engine's own ``Scheduler`` and policies on a virtual clock. Torch-free.
 
-One scheduler, two executors (DESIGN.md): the real engine executes each ``IterationPlan``
+Size: one concern, the virtual executor: its engine, its per-iteration trace, its result type and the
+provenance that names the simulated machine.
+
+One scheduler, two executors: the real engine executes each ``IterationPlan``
 with the model runner; the simulator executes it with a :class:`~apexlib.costs.CostModel`:
 
 1. ``plan = scheduler.schedule(now)`` (the same code the engine runs, with a ``SchedulerConfig`` and
    ``CacheConfig`` resolved by the same ``EngineArgs.create_engine_config``, and the same policy, built
-   by ``policy_from_config`` with the same cost model, so the policies decide on the same predictions);
+   by ``build_control_plane`` with the same cost model, so the policies decide on the same predictions);
 2. ``predicted = predict_iteration(cost_model, shape_from_plan(plan, ...))``: the composition of the
    subtasks per execution mode that mirrors the runner (GPU stream, CPU worker, PCIe copies);
 3. the virtual clock advances by ``predicted.total`` and a ``RunnerOutput`` with one fixed, non-EOS
    token per sampling sequence goes back through ``scheduler.update_from_output(plan, output, now)``.
 
 Token times are the virtual times at which iterations end. Requests are fed as the real bench runner
-feeds the engine (``apexlib.bench.runner.drive_engine``): offline, all at t = 0; online, each once
+feeds the engine (``apexlib.engine.drive.drive``, on a virtual clock): offline, all at t = 0; online, each once
 the virtual clock passes its arrival (the clock jumps to the next arrival when nothing runs). Every
 request runs with ``SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)``, so the
 output lengths are exactly the workload's.
@@ -34,33 +37,22 @@ import json
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import apexlib
-from apexlib.bench.runner import (
-    BenchmarkSettings,
-    prepare_workload,
-    resolve_max_model_len,
-    resolve_mode,
-    resolved_settings,
-    special_token_ids,
-)
-from apexlib.core.config import DTYPE_BYTES, GIB, ModelConfig
-from apexlib.core.models import SHAPE_PATH_PREFIX, resolve_model_config
+from apexlib.core.config import DTYPE_BYTES, GIB, EngineConfig, ModelConfig
+from apexlib.core.models import SHAPE_PATH_PREFIX, resolve_model_config, special_token_ids
 from apexlib.core.plan import RunnerOutput
-from apexlib.core.request import Request, RequestStatus, SamplingParams
+from apexlib.core.request import Request, RequestOutput, SamplingParams, request_output
 from apexlib.core.results import (
     PROVENANCE_COLUMNS,
     BenchmarkResult,
-    RequestRecord,
     build_provenance,
     finish_result,
+    resolved_settings,
 )
-from apexlib.core.stats import EngineStats
 from apexlib.costs import (
     CostModel,
     ModelShape,
@@ -68,10 +60,14 @@ from apexlib.costs import (
     predict_iteration,
     shape_from_plan,
 )
-from apexlib.engine.args import EngineArgs, activation_reserve_bytes
+from apexlib.engine.args import activation_reserve_bytes
+from apexlib.engine.assemble import build_control_plane
+from apexlib.engine.drive import VirtualClock, drive
+from apexlib.engine.prompts import prompt_token_ids
 from apexlib.engine.scheduler import Scheduler
-from apexlib.policies import policy_from_config
-from apexlib.workloads import Workload
+from apexlib.engine.settings import BenchmarkSettings, resolve_max_model_len, resolve_mode
+from apexlib.version import __version__
+from apexlib.workloads import Workload, prepare_workload
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +82,6 @@ __all__ = [
 
 EXECUTOR = "simulator"
 DEVICE_KINDS = ("cuda", "cpu")
-#: Options of the scheduler config (``EngineArgs``) a policy may take; others go to its constructor.
-_SCHEDULER_POLICY_OPTIONS = ("hybrid_mode", "cpu_placement", "iteration_time_bound")
 #: Consecutive empty iterations (no arrival pending) after which the run is declared stuck.
 _MAX_EMPTY_ITERATIONS = 1000
 
@@ -126,7 +120,7 @@ def _free_device_bytes(cost_model: CostModel, model_config: ModelConfig, dtype: 
     """What the engine would measure after loading the weights on the cost model's GPU (roofline only)."""
     spec = getattr(cost_model, "spec", None)
     if spec is None:
-        raise ValueError("device_kind='cuda' with neither num_gpu_blocks nor gpu_kv_gib needs a roofline cost model "
+        raise ValueError("device='cuda' with neither num_gpu_blocks nor gpu_kv_gib needs a roofline cost model "
                          "(its HardwareSpec gives the GPU memory); pass num_gpu_blocks or gpu_kv_gib")
     free = spec.memory_gib * GIB - _weight_bytes(model_config, dtype) \
         - activation_reserve_bytes(model_config, max_num_batched_tokens)
@@ -275,12 +269,12 @@ def _provenance(workload: Workload, settings: BenchmarkSettings, mode: str, expe
                 model_config: ModelConfig) -> dict[str, Any]:
     """The real runner's provenance (``build_provenance``) for a simulated run: the simulated hardware in
     place of this process's, ``executor="simulator"``, and the cost model's columns."""
-    from apexlib.envinfo import git_commit
+    from apexlib.core.host import git_commit
 
     host_cpu, host_count = _simulated_host(cost_model)
     device = resolved["device"]
     hardware = _slug(str(cost_model.hardware))
-    environment = {"git_commit": git_commit(), "apexlib_version": apexlib.__version__,
+    environment = {"git_commit": git_commit(), "apexlib_version": __version__,
                    "gpu_names": str(cost_model.hardware) if device == "cuda" else None, "cpu_model": host_cpu,
                    "cpu_count": host_count, "torch_version": None, "cuda_version": None}
     rate = workload.metadata.get("rate")
@@ -288,7 +282,7 @@ def _provenance(workload: Workload, settings: BenchmarkSettings, mode: str, expe
     load = "offline" if mode == "offline" else f"{arrival}-{rate:g}" if isinstance(rate, (int, float)) else mode
     provenance = build_provenance(
         workload, mode, experiment or f"sim-{workload.name}-{resolved['policy']}-{load}-{hardware}", engine="apexlib",
-        engine_version=apexlib.__version__, resolved=resolved, stats=stats, environment=environment,
+        engine_version=__version__, resolved=resolved, stats=stats, environment=environment,
         token_seed=settings.token_seed, warmup_requests=0, executor=EXECUTOR,
         model_config_sha256=_model_config_sha256(model_config))
     provenance.update(_describe_cost_model(cost_model))
@@ -302,24 +296,96 @@ def _provenance(workload: Workload, settings: BenchmarkSettings, mode: str, expe
     return provenance
 
 
-def simulate(workload: Workload, *, model: ModelConfig | str, policy: str, cost_model: CostModel,
-             num_gpu_blocks: int | None = None, gpu_kv_gib: float | None = None, num_cpu_blocks: int | None = None,
-             cpu_kv_gib: float | None = None, block_size: int = 16, max_num_seqs: int = 256,
-             max_num_batched_tokens: int | None = None, max_model_len: int | None = None,
-             enable_chunked_prefill: bool = True, device_kind: str = "cuda", dtype: str = "float16",
-             mode: str = "auto", experiment: str | None = None, token_seed: int = 0,
-             scheduler_overhead: float | str = 0.0, record_iterations: bool = True,
-             **policy_options: Any) -> SimulationResult:
-    """Run ``workload`` through the engine's scheduler and ``policy`` on a virtual clock timed by ``cost_model``.
+class VirtualEngine:
+    """The simulator's engine: the scheduler's plans executed by the cost model on a virtual clock.
 
-    ``model``: a ``ModelConfig``, a shape name (:data:`MODEL_SHAPES`: ``llama-2-7b``, ``llama-3.1-8b``,
-    ``tiny-demo``) or a checkpoint directory (its ``config.json``). KV budgets and limits have the
-    engine's names and defaults (``EngineArgs``); with ``device_kind="cuda"`` and no GPU budget the GPU
-    tier is sized like the engine does, from the roofline spec's memory minus the weights and the
-    activation reserve. ``device_kind="cpu"`` copies nothing between tiers (the runner's device=cpu):
-    zero transfer bytes. ``dtype``: ``float16``/``bfloat16``/``float32`` or ``auto`` (the engine's rule).
-    ``policy_options``: ``hybrid_mode``, ``cpu_placement``, ``iteration_time_bound`` (scheduler config)
-    and any other keyword of the policy's constructor (e.g. apex's ``enable_pipeline``).
+    It has the ``LLMEngine`` methods :func:`apexlib.engine.drive.drive` needs (``add_request``, ``step``,
+    ``has_unfinished_requests``). A step: ``schedule(now)`` -> the plan's predicted duration -> the
+    scheduler's ``update_from_output`` with one fixed, non-EOS token per sampling sequence, the clock
+    advancing by the prediction (plus ``scheduler_overhead``: seconds, or ``"measured"``: this process's
+    wall time in ``schedule`` and ``update_from_output``) and the engine's per-step overhead where the
+    cost model has one. An empty iteration jumps to the next arrival; a run of
+    ``_MAX_EMPTY_ITERATIONS`` with none pending is declared stuck.
+    """
+
+    def __init__(self, config: EngineConfig, scheduler: Scheduler, executor: _VirtualExecutor,
+                 clock: VirtualClock, scheduler_overhead: float | str = 0.0) -> None:
+        self.config = config
+        self.scheduler = scheduler
+        self.executor = executor
+        self.clock = clock
+        self._measured = scheduler_overhead == "measured"
+        self._fixed = 0.0 if self._measured else float(scheduler_overhead)
+        self._step_overhead = executor.cost_model.engine_step_overhead
+        self._empty_in_a_row = 0
+
+    def add_request(self, request_id: str | None, prompt: Any, sampling_params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> str:
+        token_ids, text = prompt_token_ids(prompt, self.config.model, self.config.scheduler.max_model_len)
+        request_id = str(request_id if request_id is not None else len(self.scheduler.requests))
+        self.scheduler.add_request(Request(
+            request_id=request_id, prompt_token_ids=token_ids,
+            sampling_params=sampling_params if sampling_params is not None else SamplingParams(),
+            arrival_time=self.clock.time if arrival_time is None else arrival_time, prompt=text,
+            eos_token_ids=self.config.model.eos_token_ids))
+        return request_id
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        scheduler, timer = self.scheduler, time.perf_counter
+        now = iteration_started = self.clock.time
+        if self._measured:
+            started = timer()
+            plan = scheduler.schedule(now)
+            now += timer() - started
+        else:
+            plan = scheduler.schedule(now)
+            now += self._fixed
+        output, duration = self.executor.execute(plan, now, scheduler)
+        now += duration
+        if self._measured:
+            started = timer()
+            updated = scheduler.update_from_output(plan, output, now)
+            now += timer() - started
+        else:
+            updated = scheduler.update_from_output(plan, output, now)
+        if plan.sequences:
+            now += self._step_overhead(len(plan.sequences))  # the engine's outputs and loop (measured profiles)
+        if self.executor.trace is not None:
+            self.executor.trace.columns["scheduler_seconds"].append(now - iteration_started - duration)
+        if plan.is_empty:
+            self._empty_in_a_row += 1
+            if self.clock.next_arrival is not None:
+                now = max(now, float(self.clock.next_arrival))
+            elif self._empty_in_a_row >= _MAX_EMPTY_ITERATIONS:
+                stuck = list(scheduler.requests)[:8]
+                raise RuntimeError(f"simulation stuck: {self._empty_in_a_row} empty iterations with requests "
+                                   f"{stuck} unfinished (KV budget too small for them?)")
+        else:
+            self._empty_in_a_row = 0
+        self.clock.time = now
+        outputs = [request_output(request) for request in updated
+                   if request.sampling_params.output_kind == "cumulative" or request.is_finished]
+        outputs.extend(request_output(request) for request in scheduler.take_finished_elsewhere())
+        return outputs
+
+
+def simulate(workload: Workload, settings: BenchmarkSettings | None = None, *, cost_model: CostModel,
+             mode: str = "auto", experiment: str | None = None, scheduler_overhead: float | str = 0.0,
+             record_iterations: bool = True, **engine_args: Any) -> SimulationResult:
+    """Run ``workload`` through the engine's scheduler and policy on a virtual clock timed by ``cost_model``.
+
+    ``settings``: a run's :class:`~apexlib.engine.settings.BenchmarkSettings`, the same type the real
+    engine's benchmark takes; or, as a shortcut, its fields as keywords (every ``EngineArgs`` field plus
+    ``token_seed``), where ``device`` defaults to ``"cuda"`` and ``dtype`` to ``"float16"`` (a simulated
+    GPU). ``model`` (``settings.engine.model``): a ``ModelConfig``, a shape name (:data:`MODEL_SHAPES`:
+    ``llama-2-7b``, ``llama-3.1-8b``, ``tiny-demo``) or a checkpoint directory (its ``config.json``).
+    KV budgets and limits have the engine's names and defaults; with ``device="cuda"`` and no GPU budget
+    the GPU tier is sized like the engine does, from the roofline spec's memory minus the weights and the
+    activation reserve. ``device="cpu"`` copies nothing between tiers (the runner's device=cpu): zero
+    transfer bytes. ``policy_options``: the policy's options (``apexlib.policies.options``).
 
     ``scheduler_overhead``: the control plane's own time per iteration, which the cost model leaves out
     (a profile times the runner only): seconds added to every iteration (default 0: deterministic), or
@@ -331,69 +397,49 @@ def simulate(workload: Workload, *, model: ModelConfig | str, policy: str, cost_
     ``cost_model*``; ``.iterations``: the per-iteration trace unless ``record_iterations=False``).
     """
     started = time.perf_counter()
-    if device_kind not in DEVICE_KINDS:
-        raise ValueError(f"device_kind must be one of {DEVICE_KINDS}, got {device_kind!r}")
+    if settings is None:
+        model = engine_args.get("model")
+        if isinstance(model, ModelConfig):
+            engine_args["model"] = model.path
+        engine_args.setdefault("device", "cuda")
+        engine_args.setdefault("dtype", "float16")
+        settings = BenchmarkSettings.create(warmup_requests=0, **engine_args)
+    elif engine_args:
+        raise TypeError(f"simulate takes settings or keywords, not both (got settings and {sorted(engine_args)})")
     if not (scheduler_overhead == "measured" or (isinstance(scheduler_overhead, (int, float))
                                                  and scheduler_overhead >= 0)):
         raise ValueError(f"scheduler_overhead must be seconds >= 0 or 'measured', got {scheduler_overhead!r}")
-    model_config = resolve_model_config(model)
-    options = dict(policy_options)
-    scheduler_options = {key: options.pop(key) for key in _SCHEDULER_POLICY_OPTIONS if key in options}
+    device = "cpu" if settings.engine.device == "cpu" else "cuda"
+    model_config = resolve_model_config(settings.engine.model)
     mode = resolve_mode(workload, mode)
-    settings = BenchmarkSettings(
-        model=model_config.path, policy=policy, device=device_kind, dtype=dtype, block_size=block_size,
-        num_gpu_blocks=num_gpu_blocks, num_cpu_blocks=num_cpu_blocks, gpu_kv_gib=gpu_kv_gib, cpu_kv_gib=cpu_kv_gib,
-        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-        enable_chunked_prefill=enable_chunked_prefill, token_seed=token_seed, warmup_requests=0)
-    limit = resolve_max_model_len(settings, workload, model_config.max_position_embeddings)
-    args = EngineArgs(
-        model=model_config.path, dtype=dtype, device=device_kind, block_size=block_size, num_gpu_blocks=num_gpu_blocks,
-        num_cpu_blocks=num_cpu_blocks, gpu_kv_gib=gpu_kv_gib, cpu_kv_gib=cpu_kv_gib, policy=policy,
-        max_model_len=limit, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-        enable_chunked_prefill=enable_chunked_prefill, **scheduler_options)
-    resolved_dtype = args.resolve_dtype(model_config, device_kind)
+    limit = resolve_max_model_len(settings.engine, workload, model_config.max_position_embeddings)
+    args = dataclasses.replace(settings.engine, model=model_config.path, device=device, max_model_len=limit)
+    resolved_dtype = args.resolve_dtype(model_config, device)
     free_bytes = None
-    if device_kind == "cuda" and num_gpu_blocks is None and gpu_kv_gib is None:
-        free_bytes = _free_device_bytes(cost_model, model_config, resolved_dtype, max_num_batched_tokens)
-    config = args.create_engine_config(model_config, device_kind, resolved_dtype, free_bytes)
-
-    shape = ModelShape.from_config(model_config)
-    to_cpu, back = shape.cpu_token_transfer_bytes(resolved_dtype)
-    transfer_bytes = to_cpu + back if device_kind == "cuda" else 0
-    transfer_fraction = to_cpu / (to_cpu + back)
+    if device == "cuda" and args.num_gpu_blocks is None and args.gpu_kv_gib is None:
+        free_bytes = _free_device_bytes(cost_model, model_config, resolved_dtype, args.max_num_batched_tokens)
+    config = args.create_engine_config(model_config, device, resolved_dtype, free_bytes)
+    control = build_control_plane(config, cost_model)
+    transfer = control.transfer
     kv_bytes_per_block = model_config.kv_bytes_per_token(config.cache.kv_dtype) * config.cache.block_size
-    stats = EngineStats()
-    scheduler = Scheduler(config.scheduler, config.cache,
-                          policy_from_config(config.scheduler, cost_model, transfer_bytes, transfer_fraction, **options), stats)
 
     reserved = _reserved_token_ids(model_config)
-    workload = prepare_workload(workload, model_config.vocab_size, reserved, token_seed)
+    workload = prepare_workload(workload, model_config.vocab_size, reserved, settings.token_seed)
     if workload.max_total_len > config.scheduler.max_model_len:
         raise ValueError(f"workload {workload.name!r} has a request of {workload.max_total_len} tokens, above "
                          f"max_model_len {config.scheduler.max_model_len}")
     trace = IterationTrace() if record_iterations else None
-    executor = _VirtualExecutor(cost_model, transfer_bytes, kv_bytes_per_block, transfer_fraction,
+    executor = _VirtualExecutor(cost_model, transfer.bytes_per_token, kv_bytes_per_block, transfer.to_cpu_fraction,
                                 _sampled_token_id(model_config, reserved), trace)
-    requests, end = _run(scheduler, executor, workload, mode, model_config, scheduler_overhead)
+    clock = VirtualClock()
+    engine = VirtualEngine(config, control.scheduler, executor, clock, scheduler_overhead)
+    records, end = drive(engine, workload, mode, clock)
 
-    records = []
-    for item in workload.requests:
-        request = requests[item.request_id]
-        if request.num_output_tokens != item.output_len:
-            raise RuntimeError(f"request {item.request_id}: produced {request.num_output_tokens} tokens, the workload "
-                               f"asked for exactly {item.output_len} (status {request.status.value})")
-        records.append(RequestRecord(
-            request_id=item.request_id, prompt_len=item.prompt_len, arrival_time=request.arrival_time,
-            first_scheduled_time=request.first_scheduled_time, first_token_time=request.token_times[0],
-            finish_time=request.finish_time, token_times=tuple(request.token_times),
-            output_token_ids=tuple(request.output_token_ids), num_preemptions=request.num_preemptions))
-
-    snapshot = stats.snapshot()
+    snapshot = control.stats.snapshot()
     run_stats = {"iterations": snapshot["iterations"], "preemptions": snapshot["preemptions"],
                  "mode_counts": {k: v for k, v in snapshot["mode_counts"].items() if v}}
-    provenance = _provenance(workload, settings, mode, experiment, resolved=resolved_settings(config, device_kind),
-                             stats=run_stats,
-                             cost_model=cost_model, model_config=model_config)
+    provenance = _provenance(workload, settings, mode, experiment, resolved=resolved_settings(config, device),
+                             stats=run_stats, cost_model=cost_model, model_config=model_config)
     simulation_seconds = time.perf_counter() - started
     extra = {
         "settings": settings.to_dict(),
@@ -402,9 +448,9 @@ def simulate(workload: Workload, *, model: ModelConfig | str, policy: str, cost_
         "virtual_time_s": end,
         "simulation_seconds": simulation_seconds,
         "scheduler_overhead": scheduler_overhead,
-        "transfer_bytes_per_cpu_token": transfer_bytes,
+        "transfer_bytes_per_cpu_token": transfer.bytes_per_token,
         "kv_bytes_per_block": kv_bytes_per_block,
-        "policy_options": {**scheduler_options, **{k: repr(v) for k, v in options.items()}},
+        "policy_options": dataclasses.asdict(config.policy_options),
         "cost_model": _describe_cost_model(cost_model),
         "cost_model_extrapolations": dict(getattr(cost_model, "extrapolations", {}) or {}),
     }
@@ -417,71 +463,3 @@ def simulate(workload: Workload, *, model: ModelConfig | str, policy: str, cost_
     return SimulationResult(experiment=result.experiment, provenance=ordered, records=result.records,
                             summary=result.summary, wall_time_s=result.wall_time_s, extra=result.extra,
                             iterations=trace if trace is not None else IterationTrace())
-
-
-def _run(scheduler: Scheduler, executor: _VirtualExecutor, workload: Workload, mode: str,
-         model_config: ModelConfig, scheduler_overhead: float | str = 0.0) -> tuple[dict[str, Request], float]:
-    """The bench runner's loop (``drive_engine``) on the virtual clock. Returns the requests and the end time."""
-    measured = scheduler_overhead == "measured"
-    fixed = 0.0 if measured else float(scheduler_overhead)
-    timer = time.perf_counter
-    trace_columns = executor.trace.columns if executor.trace is not None else None
-    step_overhead = executor.cost_model.engine_step_overhead
-    pending = deque(sorted(workload.requests, key=lambda request: request.arrival_time))
-    requests: dict[str, Request] = {}
-    eos = model_config.eos_token_ids
-    max_len = scheduler.config.max_model_len
-
-    def add(item) -> None:
-        if item.prompt_len >= max_len:
-            raise ValueError(f"request {item.request_id}: prompt has {item.prompt_len} tokens; max_model_len is "
-                             f"{max_len}")
-        request = Request(request_id=item.request_id, prompt_token_ids=list(item.prompt_token_ids),
-                          sampling_params=SamplingParams(max_tokens=int(item.output_len), temperature=0.0,
-                                                         ignore_eos=True),
-                          arrival_time=0.0 if mode == "offline" else float(item.arrival_time), eos_token_ids=eos)
-        requests[item.request_id] = request
-        scheduler.add_request(request)
-
-    now = 0.0
-    if mode == "offline":
-        while pending:
-            add(pending.popleft())
-    empty_in_a_row = 0
-    while pending or scheduler.has_unfinished_requests():
-        while pending and pending[0].arrival_time <= now:
-            add(pending.popleft())
-        if not scheduler.has_unfinished_requests():
-            now = max(now, float(pending[0].arrival_time))  # idle: jump to the next arrival
-            continue
-        iteration_started = now
-        if measured:
-            started = timer()
-            plan = scheduler.schedule(now)
-            now += timer() - started
-        else:
-            plan = scheduler.schedule(now)
-            now += fixed
-        output, duration = executor.execute(plan, now, scheduler)
-        now += duration
-        if measured:
-            started = timer()
-            scheduler.update_from_output(plan, output, now)
-            now += timer() - started
-        else:
-            scheduler.update_from_output(plan, output, now)
-        if plan.sequences:
-            now += step_overhead(len(plan.sequences))  # the engine's outputs and loop (measured profiles)
-        if trace_columns is not None:
-            trace_columns["scheduler_seconds"].append(now - iteration_started - duration)
-        if plan.is_empty:
-            empty_in_a_row += 1
-            if pending:
-                now = max(now, float(pending[0].arrival_time))
-            elif empty_in_a_row >= _MAX_EMPTY_ITERATIONS:
-                stuck = [r.request_id for r in requests.values() if r.status is not RequestStatus.FINISHED_LENGTH]
-                raise RuntimeError(f"simulation stuck: {empty_in_a_row} empty iterations with requests {stuck[:8]} "
-                                   f"unfinished (KV budget too small for them?)")
-        else:
-            empty_in_a_row = 0
-    return requests, now

@@ -54,6 +54,7 @@ from apexlib.workloads.types import (
     Workload,
     WorkloadFormatError,
     WorkloadRequest,
+    prepare_workload,
 )
 
 __all__ = [
@@ -77,5 +78,6 @@ __all__ = [
     "get_preset",
     "input_output_grid",
     "make_workload",
+    "prepare_workload",
     "workload_path",
 ]

@@ -65,76 +65,30 @@ def _neo_a10g_cpu_sensitivity(
     )
 
 
-def _t4_decode_heavy(
-    num_requests: int = 2000,
-    seed: int = 0,
-    arrival: str = "poisson",
-    rate: float | None = None,
-    prompt_low: int = 64,
-    prompt_high: int = 256,
-    output_low: int = 256,
-    output_high: int = 512,
-) -> Workload:
-    return make_workload(
-        "t4-decode-heavy",
-        num_requests,
-        Uniform(prompt_low, prompt_high),
-        Uniform(output_low, output_high),
-        arrival=arrival,
-        rate=_preset_rate(arrival, rate, default=1.0),
-        seed=seed,
-        max_model_len=832,
-        description=_DESCRIPTIONS["t4-decode-heavy"],
-        metadata={"preset": "t4-decode-heavy"},
-    )
+def _uniform_preset(name: str, *, num_requests: int, arrival: str, prompt: tuple[int, int],
+                    output: tuple[int, int], max_model_len: int,
+                    default_rate: float | None = None) -> Callable[..., Workload]:
+    """The builder of a preset with uniform prompt and output lengths; its keyword defaults are the
+    preset's parameters (``Preset.parameters``). ``default_rate``: the rate of timed arrivals when none
+    is given (None: the caller must give one for ``poisson``/``fixed``)."""
 
+    def build(num_requests: int = num_requests, seed: int = 0, arrival: str = arrival, rate: float | None = None,
+              prompt_low: int = prompt[0], prompt_high: int = prompt[1], output_low: int = output[0],
+              output_high: int = output[1]) -> Workload:
+        return make_workload(
+            name,
+            num_requests,
+            Uniform(prompt_low, prompt_high),
+            Uniform(output_low, output_high),
+            arrival=arrival,
+            rate=rate if default_rate is None else _preset_rate(arrival, rate, default=default_rate),
+            seed=seed,
+            max_model_len=max_model_len,
+            description=_DESCRIPTIONS[name],
+            metadata={"preset": name},
+        )
 
-def _decode_heavy_chat(
-    num_requests: int = 1000,
-    seed: int = 0,
-    arrival: str = "offline",
-    rate: float | None = None,
-    prompt_low: int = 128,
-    prompt_high: int = 512,
-    output_low: int = 512,
-    output_high: int = 2048,
-) -> Workload:
-    return make_workload(
-        "decode-heavy-chat",
-        num_requests,
-        Uniform(prompt_low, prompt_high),
-        Uniform(output_low, output_high),
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        max_model_len=4096,
-        description=_DESCRIPTIONS["decode-heavy-chat"],
-        metadata={"preset": "decode-heavy-chat"},
-    )
-
-
-def _reasoning_long_output(
-    num_requests: int = 500,
-    seed: int = 0,
-    arrival: str = "offline",
-    rate: float | None = None,
-    prompt_low: int = 64,
-    prompt_high: int = 256,
-    output_low: int = 1024,
-    output_high: int = 4096,
-) -> Workload:
-    return make_workload(
-        "reasoning-long-output",
-        num_requests,
-        Uniform(prompt_low, prompt_high),
-        Uniform(output_low, output_high),
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        max_model_len=8192,
-        description=_DESCRIPTIONS["reasoning-long-output"],
-        metadata={"preset": "reasoning-long-output"},
-    )
+    return build
 
 
 def _grid_point(
@@ -156,57 +110,6 @@ def _grid_point(
         seed=seed,
         description=_DESCRIPTIONS["grid-point"],
         metadata={"preset": "grid-point"},
-    )
-
-
-def _tiny_decode_heavy(
-    num_requests: int = 64, seed: int = 0, arrival: str = "offline", rate: float | None = None
-) -> Workload:
-    return make_workload(
-        "tiny-decode-heavy",
-        num_requests,
-        Uniform(16, 64),
-        Uniform(64, 192),
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        max_model_len=512,
-        description=_DESCRIPTIONS["tiny-decode-heavy"],
-        metadata={"preset": "tiny-decode-heavy"},
-    )
-
-
-def _tiny_online(
-    num_requests: int = 32, seed: int = 0, arrival: str = "poisson", rate: float | None = None
-) -> Workload:
-    return make_workload(
-        "tiny-online",
-        num_requests,
-        Uniform(16, 64),
-        Uniform(32, 128),
-        arrival=arrival,
-        rate=_preset_rate(arrival, rate, default=8.0),
-        seed=seed,
-        max_model_len=512,
-        description=_DESCRIPTIONS["tiny-online"],
-        metadata={"preset": "tiny-online"},
-    )
-
-
-def _tiny_smoke(
-    num_requests: int = 8, seed: int = 0, arrival: str = "offline", rate: float | None = None
-) -> Workload:
-    return make_workload(
-        "tiny-smoke",
-        num_requests,
-        Uniform(8, 32),
-        Uniform(4, 16),
-        arrival=arrival,
-        rate=rate,
-        seed=seed,
-        max_model_len=512,
-        description=_DESCRIPTIONS["tiny-smoke"],
-        metadata={"preset": "tiny-smoke"},
     )
 
 
@@ -268,13 +171,24 @@ PRESETS: dict[str, Preset] = {
             _neo_a10g_cpu_sensitivity,
             20000,
         ),
-        Preset("t4-decode-heavy", _DESCRIPTIONS["t4-decode-heavy"], _t4_decode_heavy, 832),
-        Preset("decode-heavy-chat", _DESCRIPTIONS["decode-heavy-chat"], _decode_heavy_chat, 4096),
-        Preset("reasoning-long-output", _DESCRIPTIONS["reasoning-long-output"], _reasoning_long_output, 8192),
+        Preset("t4-decode-heavy", _DESCRIPTIONS["t4-decode-heavy"], _uniform_preset(
+            "t4-decode-heavy", num_requests=2000, arrival="poisson", prompt=(64, 256), output=(256, 512),
+            max_model_len=832, default_rate=1.0), 832),
+        Preset("decode-heavy-chat", _DESCRIPTIONS["decode-heavy-chat"], _uniform_preset(
+            "decode-heavy-chat", num_requests=1000, arrival="offline", prompt=(128, 512), output=(512, 2048),
+            max_model_len=4096), 4096),
+        Preset("reasoning-long-output", _DESCRIPTIONS["reasoning-long-output"], _uniform_preset(
+            "reasoning-long-output", num_requests=500, arrival="offline", prompt=(64, 256), output=(1024, 4096),
+            max_model_len=8192), 8192),
         Preset("grid-point", _DESCRIPTIONS["grid-point"], _grid_point, None),
-        Preset("tiny-decode-heavy", _DESCRIPTIONS["tiny-decode-heavy"], _tiny_decode_heavy, 512),
-        Preset("tiny-online", _DESCRIPTIONS["tiny-online"], _tiny_online, 512),
-        Preset("tiny-smoke", _DESCRIPTIONS["tiny-smoke"], _tiny_smoke, 512),
+        Preset("tiny-decode-heavy", _DESCRIPTIONS["tiny-decode-heavy"], _uniform_preset(
+            "tiny-decode-heavy", num_requests=64, arrival="offline", prompt=(16, 64), output=(64, 192),
+            max_model_len=512), 512),
+        Preset("tiny-online", _DESCRIPTIONS["tiny-online"], _uniform_preset(
+            "tiny-online", num_requests=32, arrival="poisson", prompt=(16, 64), output=(32, 128), max_model_len=512,
+            default_rate=8.0), 512),
+        Preset("tiny-smoke", _DESCRIPTIONS["tiny-smoke"], _uniform_preset(
+            "tiny-smoke", num_requests=8, arrival="offline", prompt=(8, 32), output=(4, 16), max_model_len=512), 512),
     )
 }
 

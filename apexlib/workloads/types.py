@@ -222,3 +222,13 @@ class Workload:
         return read_jsonl(Path(path))
 
 
+def prepare_workload(workload: Workload, vocab_size: int, reserved_ids: Sequence[int], token_seed: int) -> Workload:
+    """The workload with prompt token ids: kept when every request already has them, else drawn."""
+    if workload.requests and all(request.prompt_token_ids is not None for request in workload.requests):
+        for request in workload.requests:
+            bad = [token for token in request.prompt_token_ids if token >= vocab_size]
+            if bad:
+                raise ValueError(f"request {request.request_id}: prompt token id {bad[0]} is outside the "
+                                 f"vocabulary [0, {vocab_size})")
+        return workload
+    return workload.with_token_ids(vocab_size, seed=token_seed, reserved_ids=reserved_ids)

@@ -5,7 +5,7 @@ vLLM pins its own torch, so it never shares apexlib's venv and apexlib never imp
 the workload (with its prompt token ids) and a settings JSON into a work folder, runs
 ``<vllm python> -m apexlib.bench.vllm_worker`` with ``PYTHONPATH`` set to apexlib's source (the worker
 imports only torch-free apexlib modules) and turns the worker's JSON into the same
-:class:`~apexlib.bench.runner.BenchmarkResult` as :func:`apexlib.bench.runner.run_benchmark`.
+:class:`~apexlib.bench.benchmark.BenchmarkResult` as :func:`apexlib.bench.benchmark.run_benchmark`.
 
 Which python: ``python=`` if given, else ``$APEX_VLLM_PYTHON``, else ``<repo>/.venv-vllm-cpu/bin/python``
 for ``device=cpu`` (``make vllm-cpu-venv``) or ``<repo>/.venv-vllm/bin/python`` for ``device=cuda``.
@@ -22,6 +22,7 @@ On the CPU build the KV pool is sized explicitly with ``kv_cache_memory_bytes`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,17 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from apexlib.bench.runner import (
-    BenchmarkSettings,
-    default_model_path,
-    prepare_workload,
-    resolve_max_model_len,
-    resolve_mode,
-    special_token_ids,
-)
+from apexlib.core.models import special_token_ids
 from apexlib.core.results import BenchmarkResult, RequestRecord, build_provenance, finish_result
+from apexlib.engine.settings import BenchmarkSettings, resolve_max_model_len, resolve_mode
 from apexlib.envinfo import provenance_facts
-from apexlib.workloads import Workload
+from apexlib.workloads import Workload, prepare_workload
 
 logger = logging.getLogger(__name__)
 
@@ -107,20 +102,18 @@ def find_vllm_python(device: str = "cpu", python: str | os.PathLike[str] | None 
 def vllm_worker_settings(workload: Workload, settings: BenchmarkSettings, mode: str, device: str) -> dict[str, Any]:
     """The worker's settings, resolved as apexlib's engine resolves them (same KV budget and limits)."""
     from apexlib.core.config import ModelConfig
-    from apexlib.engine.args import EngineArgs
+    from apexlib.model.tiny import resolve_checkpoint
 
-    model_path = settings.model or default_model_path()
+    model_path = resolve_checkpoint(settings.engine.model)
     model_config = ModelConfig.from_pretrained(model_path)
-    max_model_len = resolve_max_model_len(settings, workload, model_config.max_position_embeddings)
-    args = EngineArgs(model=model_path, dtype=settings.dtype, device=device, block_size=settings.block_size,
-                      num_gpu_blocks=settings.num_gpu_blocks, gpu_kv_gib=settings.gpu_kv_gib,
-                      policy="gpu_only", max_model_len=max_model_len, max_num_seqs=settings.max_num_seqs,
-                      max_num_batched_tokens=settings.max_num_batched_tokens,
-                      enable_chunked_prefill=settings.enable_chunked_prefill, seed=settings.seed)
+    max_model_len = resolve_max_model_len(settings.engine, workload, model_config.max_position_embeddings)
+    # vLLM's KV budget and limits as apexlib's engine resolves them for the same arguments (no CPU tier)
+    args = dataclasses.replace(settings.engine, model=model_path, device=device, policy="gpu_only",
+                               policy_options=None, num_cpu_blocks=None, cpu_kv_gib=None, max_model_len=max_model_len)
     dtype = args.resolve_dtype(model_config, "cpu" if device == "cpu" else "cuda")
     config = args.create_engine_config(model_config, device, dtype, None)
     is_cpu = device == "cpu"
-    explicit_budget = settings.num_gpu_blocks is not None or settings.gpu_kv_gib is not None
+    explicit_budget = args.num_gpu_blocks is not None or args.gpu_kv_gib is not None
     num_blocks = config.cache.num_gpu_blocks if (is_cpu or explicit_budget) else None
     block_bytes = model_config.kv_bytes_per_token(dtype) * config.cache.block_size
     return {
@@ -134,7 +127,7 @@ def vllm_worker_settings(workload: Workload, settings: BenchmarkSettings, mode: 
         "max_num_seqs": config.scheduler.max_num_seqs,
         "max_model_len": config.scheduler.max_model_len,
         "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
-        "seed": settings.seed,
+        "seed": args.seed,
         "mode": mode,
         "warmup_requests": min(settings.warmup_requests, len(workload)),
         "vocab_size": model_config.vocab_size,
@@ -156,13 +149,13 @@ def run_vllm_benchmark(workload: Workload, settings: BenchmarkSettings | None = 
     worker's log) when it fails. ``work_dir`` keeps the exchanged files and ``worker.log`` (default: a
     temporary folder, removed on success).
     """
-    settings = settings or BenchmarkSettings()
+    settings = settings or BenchmarkSettings.create()
     if settings.policy != "gpu_only":
         raise ValueError(f"vLLM runs GPU-only; policy {settings.policy!r} does not apply to it")
-    if settings.num_cpu_blocks or settings.cpu_kv_gib:
+    if settings.engine.num_cpu_blocks or settings.engine.cpu_kv_gib:
         raise ValueError("vLLM has no CPU KV tier to decode from; leave num_cpu_blocks/cpu_kv_gib unset")
     mode = resolve_mode(workload, mode)
-    device = _resolve_device(settings.device)
+    device = _resolve_device(settings.engine.device)
     executable = find_vllm_python(device, python)
     worker_settings = vllm_worker_settings(workload, settings, mode, device)
     reserved = special_token_ids(worker_settings["model"], worker_settings["vocab_size"])
