@@ -195,7 +195,7 @@ def abort_storm(engine, num_aborts, seed):
 def check_storms(tiny_path, aborts_per_storm):
     # gpu_only with small chunks: preemption and chunked prefills; hybrid placing in the CPU tier; apex
     storms = [("gpu_only", {"max_num_batched_tokens": 32}), ("gpu_only", {"num_gpu_blocks": 24}),
-              ("hybrid", {"cpu_placement": "cpu"}), ("apex", {})]
+              ("hybrid", {"policy_options": {"cpu_placement": "cpu"}}), ("apex", {})]
     hits = {}
     for index, (policy, overrides) in enumerate(storms):
         engine = make_engine(tiny_path("gqa"), policy, **overrides)
@@ -225,8 +225,8 @@ DETERMINISM_CONFIGS = [
     ("gpu_only", {"num_gpu_blocks": 400, "max_num_batched_tokens": 2048}),  # everything fits: the reference
     ("gpu_only", {}),  # squeezed: preemption and recompute, chunked prefill
     ("gpu_only", {"max_num_seqs": 3}),  # other batch compositions
-    ("hybrid", {"cpu_placement": "overflow"}),
-    ("hybrid", {"cpu_placement": "cpu", "hybrid_mode": "asymmetric_pipeline"}),
+    ("hybrid", {"policy_options": {"cpu_placement": "overflow"}}),
+    ("hybrid", {"policy_options": {"cpu_placement": "cpu", "hybrid_mode": "asymmetric_pipeline"}}),
     ("neo", {}),
     ("apex", {}),
 ]
