@@ -253,6 +253,18 @@ def output_paths(experiment: str, quick: bool, root: str | Path = "..") -> tuple
     return base / "data" / "results" / experiment, base / "figures"
 
 
+def notebook_setup(experiment: str, quick: bool) -> tuple[Path, Path]:
+    """The common start of every notebook: warnings-only logging, its results and figures directories
+    (:func:`output_paths`, the results one created), printed."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    results_dir, figures_dir = output_paths(experiment, quick)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())  # noqa: T201
+    return results_dir, figures_dir
+
+
 def find_profile(directory: str | Path, model_label: str = "tiny-demo") -> Path:
     """The profile of ``model_label`` measured on this machine's CPU if there is one, else any profile
     of that model (device=cpu profiles are named ``cpu-<cpu>-<model>.json`` by ``apex profile``)."""

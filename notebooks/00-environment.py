@@ -40,7 +40,6 @@ num_prompts = 8
 EXPERIMENT = "00-environment"
 # the same setup in every notebook: not every notebook uses every import
 import json  # noqa: F401
-import logging
 from pathlib import Path  # noqa: F401
 
 import pandas as pd  # noqa: F401
@@ -48,10 +47,7 @@ from IPython.display import display  # noqa: F401
 
 from apexlib import plots
 
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
-results_dir.mkdir(parents=True, exist_ok=True)
-print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 
 # %%
 import time

@@ -41,7 +41,6 @@ num_requests = 100        # per grid point, as NEO's evaluation scripts default 
 EXPERIMENT = "03-offline-throughput"
 # the same setup in every notebook: not every notebook uses every import
 import json  # noqa: F401
-import logging
 from pathlib import Path  # noqa: F401
 
 import pandas as pd  # noqa: F401
@@ -49,27 +48,10 @@ from IPython.display import display  # noqa: F401
 
 from apexlib import plots
 
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
-results_dir.mkdir(parents=True, exist_ok=True)
-print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 
 # %%
-from apexlib.core.models import model_config_for_shape
-from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
-from apexlib.workloads import get_preset, input_output_grid
-
-
-def roofline(hardware, model):
-    """The roofline cost model of ``model`` on ``hardware``, from its datasheet profile in data/profiles."""
-    return load_cost_model(datasheet_profile_path(hardware, "../data/profiles"),
-                           ModelShape.from_config(model_config_for_shape(model)), "float16")
-
-
-def summary_row(result, **labels):
-    row = next(r for r in result.rows if r["row_type"] == "summary")
-    return {**labels, **row}
-
+from apexlib.costs import datasheet_roofline
 
 # %% [markdown]
 # ## Assumptions and their ranges
@@ -79,10 +61,10 @@ def summary_row(result, **labels):
 # every simulated bar is the central value, and its error bar the range of results between the two
 # corners of that box (`offload-adverse`: slow host beside an efficient GPU; `offload-friendly`: the
 # opposite).
-
 # %%
 from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
 from apexlib.sim.batch import SimulationJob, simulate_rows
+from apexlib.workloads import get_preset, input_output_grid
 
 display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
 scenarios = SCENARIOS
@@ -95,7 +77,7 @@ if run_experiments:
     for hardware, model in hardware_models:
         for workload in input_output_grid(prompt_centers, output_centers, num_requests=num_requests, seed=0):
             for scenario in scenarios:
-                cost = scenario_cost_model(roofline(hardware, model), scenario)
+                cost = scenario_cost_model(datasheet_roofline(hardware, model), scenario)
                 for policy in policies:
                     jobs.append(SimulationJob(
                         workload, cost,
@@ -147,7 +129,7 @@ if run_experiments:
                                             num_gpu_blocks=24, num_cpu_blocks=2048, warmup_requests=2,
                                             cost_model=str(profile_path))
         result = run_benchmark(workload, settings, progress=False, experiment=EXPERIMENT)
-        rows.append(summary_row(result, policy=policy, setting=workload.name))
+        rows.append(result.labelled_summary(policy=policy, setting=workload.name))
     pd.DataFrame(rows).to_csv(measured_path, index=False)
 measured = pd.read_csv(measured_path)
 display(measured[["policy", "output_throughput", "tpot_mean_s", "ttft_median_s", "engine_iterations",

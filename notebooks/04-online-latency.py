@@ -45,7 +45,6 @@ cpu_kv_gib = 20.0
 EXPERIMENT = "04-online-latency"
 # the same setup in every notebook: not every notebook uses every import
 import json  # noqa: F401
-import logging
 from pathlib import Path  # noqa: F401
 
 import pandas as pd  # noqa: F401
@@ -53,33 +52,16 @@ from IPython.display import display  # noqa: F401
 
 from apexlib import plots
 
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
-results_dir.mkdir(parents=True, exist_ok=True)
-print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 
 # %%
-from apexlib.core.models import model_config_for_shape
-from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
-from apexlib.sim.simulator import simulate
-from apexlib.workloads import get_preset
-
-
-def roofline(hardware, model):
-    """The roofline cost model of ``model`` on ``hardware``, from its datasheet profile in data/profiles."""
-    return load_cost_model(datasheet_profile_path(hardware, "../data/profiles"),
-                           ModelShape.from_config(model_config_for_shape(model)), "float16")
-
-
-def summary_row(result, **labels):
-    row = next(r for r in result.rows if r["row_type"] == "summary")
-    return {**labels, **row}
-
-
 # %%
 from apexlib.core.metrics import best_within_slo
+from apexlib.costs import datasheet_roofline
 from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
 from apexlib.sim.batch import SimulationJob, simulate_rows
+from apexlib.sim.simulator import simulate
+from apexlib.workloads import get_preset
 
 # The assumptions behind these curves: solid lines use the central values, faint ones the two corners
 display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
@@ -99,10 +81,10 @@ if run_experiments:
     slos, jobs = [], []
     for hardware, model in combos:
         for scenario in scenarios:
-            cost = scenario_cost_model(roofline(hardware, model), scenario)
+            cost = scenario_cost_model(datasheet_roofline(hardware, model), scenario)
             alone = get_preset("grid-point", prompt_len=prompt_len, output_len=output_len, num_requests=1,
                                seed=0)
-            unloaded = summary_row(simulate(alone, cost_model=cost, **options(model, alone, "gpu_only")))
+            unloaded = simulate(alone, cost_model=cost, **options(model, alone, "gpu_only")).summary_row()
             slo = slo_factor * unloaded["tpot_mean_s"]
             slos.append({"hardware": hardware, "model": model, "scenario": scenario,
                          "unloaded_tpot_s": unloaded["tpot_mean_s"], "slo_tpot_s": slo})

@@ -35,7 +35,6 @@ cpu_kv_gib = 20.0
 EXPERIMENT = "05-ablation"
 # the same setup in every notebook: not every notebook uses every import
 import json  # noqa: F401
-import logging
 from pathlib import Path  # noqa: F401
 
 import pandas as pd  # noqa: F401
@@ -43,28 +42,12 @@ from IPython.display import display  # noqa: F401
 
 from apexlib import plots
 
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
-results_dir.mkdir(parents=True, exist_ok=True)
-print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 
 # %%
-from apexlib.core.models import model_config_for_shape
-from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
+from apexlib.costs import datasheet_roofline
 from apexlib.sim.simulator import simulate
 from apexlib.workloads import get_preset
-
-
-def roofline(hardware, model):
-    """The roofline cost model of ``model`` on ``hardware``, from its datasheet profile in data/profiles."""
-    return load_cost_model(datasheet_profile_path(hardware, "../data/profiles"),
-                           ModelShape.from_config(model_config_for_shape(model)), "float16")
-
-
-def summary_row(result, **labels):
-    row = next(r for r in result.rows if r["row_type"] == "summary")
-    return {**labels, **row}
-
 
 # %%
 variants = {
@@ -83,9 +66,9 @@ if run_experiments:
     rows, modes = [], []
     workload = get_preset(workload_name, num_requests=num_requests)
     for label, options in variants.items():
-        result = simulate(workload, model=model, cost_model=roofline(hardware, model), cpu_kv_gib=cpu_kv_gib,
+        result = simulate(workload, model=model, cost_model=datasheet_roofline(hardware, model), cpu_kv_gib=cpu_kv_gib,
                           dtype="float16", max_model_len=workload.max_total_len, **options)
-        rows.append(summary_row(result, variant=label, policy=label))
+        rows.append(result.labelled_summary(variant=label, policy=label))
         trace = result.iterations.to_dataframe()
         modes.append(trace.groupby("mode").size().rename("iterations").reset_index().assign(policy=label))
     pd.DataFrame(rows).to_csv(path, index=False)
@@ -115,6 +98,7 @@ plots.save_figure(fig, "05-ablation-modes", figures_dir)
 
 # %%
 import dataclasses
+import logging
 
 host_gbps = [10.0, 20.0, 30.0, 45.0, 60.0, 90.0] if not quick else [10.0, 60.0]
 sweep_policies = ["gpu_only", "neo", "apex"]
@@ -122,7 +106,7 @@ sweep_path = results_dir / "cpu_bandwidth_sweep.csv"
 if run_experiments:
     rows = []
     workload = get_preset(workload_name, num_requests=num_requests)
-    base = roofline(hardware, model)
+    base = datasheet_roofline(hardware, model)
     for gbps in host_gbps:
         spec = dataclasses.replace(base.spec, dram_gbps=gbps)
         cost = dataclasses.replace(base, spec=spec)
@@ -131,13 +115,13 @@ if run_experiments:
         for policy in sweep_policies:
             result = simulate(workload, model=model, policy=policy, cost_model=cost, cpu_kv_gib=cpu_kv_gib,
                               dtype="float16", max_model_len=workload.max_total_len)
-            rows.append(summary_row(result, policy=policy, host_dram_gbps=gbps, cpu_share_percent=share))
+            rows.append(result.labelled_summary(policy=policy, host_dram_gbps=gbps, cpu_share_percent=share))
         logging.getLogger("notebook").warning("host DRAM %.0f GB/s simulated", gbps)
     pd.DataFrame(rows).to_csv(sweep_path, index=False)
 sweep = pd.read_csv(sweep_path)
 display(sweep.pivot_table(index=["host_dram_gbps", "cpu_share_percent"], columns="policy",
                           values="output_throughput").round(1))
-default = sweep.loc[sweep["host_dram_gbps"] == roofline(hardware, model).spec.dram_gbps, "cpu_share_percent"]
+default = sweep.loc[sweep["host_dram_gbps"] == datasheet_roofline(hardware, model).spec.dram_gbps, "cpu_share_percent"]
 marks = [(10.0, "paper: CPU < 10%")]
 if len(default):
     marks.append((float(default.iloc[0]), "our T4-host assumption"))

@@ -34,7 +34,6 @@ cpu_decode_counts = [8, 32, 128, 512]
 EXPERIMENT = "06-scheduler-overhead"
 # the same setup in every notebook: not every notebook uses every import
 import json  # noqa: F401
-import logging
 from pathlib import Path  # noqa: F401
 
 import pandas as pd  # noqa: F401
@@ -42,31 +41,15 @@ from IPython.display import display  # noqa: F401
 
 from apexlib import plots
 
-logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-results_dir, figures_dir = plots.output_paths(EXPERIMENT, quick)
-results_dir.mkdir(parents=True, exist_ok=True)
-print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())
+results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 
 # %%
-from apexlib.core.models import model_config_for_shape
-from apexlib.costs import ModelShape, datasheet_profile_path, load_cost_model
-
-
-def roofline(hardware, model):
-    """The roofline cost model of ``model`` on ``hardware``, from its datasheet profile in data/profiles."""
-    return load_cost_model(datasheet_profile_path(hardware, "../data/profiles"),
-                           ModelShape.from_config(model_config_for_shape(model)), "float16")
-
-
-def summary_row(result, **labels):
-    row = next(r for r in result.rows if r["row_type"] == "summary")
-    return {**labels, **row}
-
-
 import time
 
+from apexlib.core.models import model_config_for_shape
 from apexlib.core.plan import ScheduledSequence
 from apexlib.core.request import SamplingParams
+from apexlib.costs import ModelShape, datasheet_roofline
 from apexlib.kvcache.manager import Tier
 from apexlib.policies import ApexPolicy, NeoPolicy
 from apexlib.policies.base import IterationCandidate
@@ -84,7 +67,7 @@ if quick:
     cpu_decode_counts = cpu_decode_counts[:2]
 path = results_dir / "decision_time.csv"
 if run_experiments:
-    cost_model = roofline(hardware, model)
+    cost_model = datasheet_roofline(hardware, model)
     shape = ModelShape.from_config(model_config_for_shape(model))
     transfer = sum(shape.cpu_token_transfer_bytes("float16"))
     rows = []

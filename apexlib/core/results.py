@@ -123,6 +123,10 @@ class BenchmarkResult:
         row["wall_time_s"] = self.wall_time_s
         return row
 
+    def labelled_summary(self, **labels: Any) -> dict[str, Any]:
+        """The summary row after ``labels`` (a figure's own columns first; the row's win on a clash)."""
+        return {**labels, **self.summary_row()}
+
     @property
     def rows(self) -> list[dict[str, Any]]:
         """One row per request, then the summary row."""

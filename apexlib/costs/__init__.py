@@ -34,6 +34,7 @@ from apexlib.costs.profiles import (
     HARDWARE_SCHEMA,
     datasheet_profile,
     datasheet_profile_path,
+    datasheet_roofline,
     load_cost_model,
     roofline_from_profile,
     write_datasheet_profiles,
@@ -45,7 +46,7 @@ from apexlib.costs.table import PROFILE_SCHEMA, TableCostModel
 __all__ = [
     "HARDWARE", "HARDWARE_SCHEMA", "IDEAL_OVERLAP", "NEO_LAUNCH_SECONDS", "PROFILE_SCHEMA", "CostModel",
     "HardwareSpec", "HybridAdjustment", "IterationShape", "ModelShape", "RooflineCostModel", "TableCostModel",
-    "ZeroCostModel", "datasheet_profile", "datasheet_profile_path", "get_hardware", "inline_pipeline_forward_seconds",
+    "ZeroCostModel", "datasheet_profile", "datasheet_profile_path", "datasheet_roofline", "get_hardware", "inline_pipeline_forward_seconds",
     "load_cost_model", "pipeline_forward_seconds", "predict_iteration", "roofline_from_profile", "shape_from_plan",
     "write_datasheet_profiles",
 ]

@@ -104,8 +104,22 @@ def load_cost_model(spec: CostModel | str | Path | None, shape: ModelShape | Non
                      f"{HARDWARE_SCHEMA!r} (datasheet, `apex profile --datasheet`)")
 
 
+#: ``data/profiles/`` of this checkout (the editable install the project uses).
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "data" / "profiles"
+
+
 def datasheet_profile_path(key: str, directory: str | Path = "data/profiles") -> Path:
     return Path(directory) / f"datasheet-{key}.json"
+
+
+def datasheet_roofline(hardware: str, model: ModelShape | str, dtype: str = "float16",
+                       directory: str | Path = PROFILES_DIR) -> CostModel:
+    """The roofline of ``model`` (a ``ModelShape`` or a known shape name, ``apexlib.core.models``) on
+    ``hardware``, from its datasheet profile (``datasheet-<hardware>.json``)."""
+    from apexlib.core.models import model_config_for_shape
+
+    shape = model if isinstance(model, ModelShape) else ModelShape.from_config(model_config_for_shape(model))
+    return load_cost_model(datasheet_profile_path(hardware, directory), shape, dtype)
 
 
 def write_datasheet_profiles(directory: str | Path = "data/profiles") -> list[Path]:
