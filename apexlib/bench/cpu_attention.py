@@ -231,6 +231,9 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
         "arith_stream": arith_stream,
         "arith_stream_prefetch_bytes": int(os.environ.get("APEX_ARITH_STREAM_PREFETCH_BYTES", 16 * 1024)),
         "transparent_huge_pages": thp_mode(),
+        # 1-minute load average before and after the grid: well above this run's own threads means other
+        # processes shared the cores (the DRAM re-checks catch part of that, not all)
+        "load_average_start": os.getloadavg()[0],
         "vllm": None if peer is None else {k: peer.info.get(k) for k in ("vllm", "torch", "threads")},
     }
     # the reference read runs on 2 MiB pages too (where possible): the best this machine reads
@@ -370,6 +373,7 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
             })
             bar.advance(task)
     meta["anon_huge_page_bytes"] = anon_huge_bytes()  # > 0: the pool and the probe lie on 2 MiB pages
+    meta["load_average_end"] = os.getloadavg()[0]
     return meta, rows
 
 
