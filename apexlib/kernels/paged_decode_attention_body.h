@@ -143,9 +143,18 @@
 //   noise; with MHA tiles unrolled too MHA fp16 was 15-20 % slower;
 // * prefetch hint T0 or NTA instead of T1 from DRAM (1 thread, batch 4, context 1k, 4 KV sets): no
 //   difference outside the noise (on Zen the hint level hardly matters).
-// Next: cut the V loop's instructions per FMA, e.g. bf16 widened as even/odd halves of 32-bit words (one
-// load + shift + and per 16 elements instead of two widening loads and two shifts, output columns and the
-// query kept permuted and unpermuted once per work item), and the score reduction (reduce_w) per K row.
+// * bf16 widened as even/odd halves of 32-bit words in both passes (one 32-byte load + shift + and per 16
+//   elements instead of two widening loads and two shifts; the query permuted per 16-element chunk in the
+//   driver, each item's output columns unpermuted once at its end; results identical): GQA-4 bf16 in cache
+//   +2-4 % (best 11.3 -> 11.6-11.8 GB/s), MHA bf16 +1-8 %, from DRAM (1 thread, batch 4, context 1k)
+//   0.55-0.67 against 0.58-0.69: nothing outside the noise, so not worth the permuted layouts.
+// Few long sequences (the split above, 2 threads): batch 1-2 at 8k-32k reach kernel / stream 0.82-0.95 for
+// MHA but 0.37-0.61 for GQA-4, and in one run with both, GQA-4 batch 1 at 8k 0.44-0.55 against batch 8
+// at 1k 0.53-0.74 although both cut into the same eight 1024-token items
+// (2026-11-29-epyc-avx2-2c-bs16-b1-2-long.json, -gqa-b1-vs-b8.json); with 2 threads on 2 shared cores the
+// median call is 2-5x slower than the best one (a descheduled team member stalls the other), so that gap is
+// not resolved here. Next: the issue-bound V loop (fewer instructions per FMA than ~3) and the score
+// reduction per K row, measured on quiet cores.
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
