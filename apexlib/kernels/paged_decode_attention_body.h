@@ -109,7 +109,7 @@
 // (bf16/fp16: DV = 4, GT = 2 on 16 ymm registers; tried below, slower).
 
 // Earlier notes that lived in apexlib/attention/cpu.py (2 SPR cores in a VM): the KV pool on 2 MiB pages
-// (apexlib.kvcache.host_memory, as the engine's CPU tier) made the kernel +8-10 % (page walks of scattered
+// (apexlib.runner.host_memory, as the engine's CPU tier) made the kernel +8-10 % (page walks of scattered
 // blocks sat in front of the prefetches); one SPR core reads only ~18.6 of the ~35 GB/s of two (a core is
 // bound by its line-fill buffers), so every core must keep its misses in flight while it computes;
 // fp32 MHA reached 0.78-0.82 of DRAM; prefetch hints T0/T2, one prefetch per 128 B-4 KiB and no software
