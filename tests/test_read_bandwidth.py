@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apexlib.attention import cpu
+from apexlib.attention import cpu, dram_probe
 
 ISAS = [i for i, name in enumerate(cpu.ISAS) if cpu._ext().cpu_supports(i)]
 
@@ -30,11 +30,11 @@ def test_wide_loop_checksum(isa):
 
 def test_measure_read_bandwidth_reports_both_loops():
     buf = torch.ones(16 * 2**20 // 8, dtype=torch.float64)
-    median, best, by_loop = cpu.measure_read_bandwidth(buf, 2, repeats=3)
-    assert set(by_loop) == set(cpu.READ_VARIANTS.values())
+    median, best, by_loop = dram_probe.measure_read_bandwidth(buf, 2, repeats=3)
+    assert set(by_loop) == set(dram_probe.READ_VARIANTS.values())
     assert median == max(by_loop.values()) and best >= median > 0
 
 
 def test_bad_variant_is_refused():
     with pytest.raises(ValueError, match="variant"):
-        cpu.read_bandwidth_pass(torch.ones(1024), variant=2)
+        dram_probe.read_bandwidth_pass(torch.ones(1024), variant=2)

@@ -1,4 +1,4 @@
-"""Paged decode attention on the CPU (the CPU half of APEX's hybrid decode).
+"""Paged decode attention on the CPU (the CPU half of APEX's hybrid decode), and the K/V append.
 
 Layout (one layer, vLLM's paged layout with the head axis inside the token row):
 
@@ -12,60 +12,21 @@ Layout (one layer, vLLM's paged layout with the head axis inside the token row):
 The result ``[num_seqs, num_heads, head_dim]`` has the query's dtype; everything accumulates in fp32.
 Query head ``i`` reads KV head ``i // (num_heads // num_kv_heads)`` (GQA / MQA / MHA).
 
-Algorithm of the compiled kernel (``apexlib/kernels/paged_decode_attention*.{cpp,h}``):
-
-1. The driver cuts every sequence into splits of whole blocks, about four work items per thread
-   (a lone long request is spread over all threads), and runs them in the kernel's own OpenMP team.
-2. A work item streams its blocks in memory order. All heads of one token are one contiguous row
-   of the cache, so the item reads K (then V) of a block as one contiguous stream, and the hardware
-   prefetcher plus a software prefetch of the next table entry (blocks are scattered) keep DRAM busy.
-   The software prefetches are spread evenly over the compute they overlap (V of a block during its
-   K pass, one head's slice per K step; the next K block in equal slices per V token step): issued
-   in bursts they filled the line-fill buffers and stalled the compute instead of overlapping it.
-   For each K row of KV head ``h`` the row is converted to fp32 once and multiplied with all query
-   heads of ``h``'s group held in registers (GQA reads K/V once per group, not once per query head).
-3. Per step (one block, or several consecutive table entries up to 64 tokens / 128 KiB of K, so that
-   small GQA blocks share the per-step costs) and query head: one online-softmax step (step max, one
-   rescale, vectorised exp2 of the step's scores), then the V rows are accumulated with those
-   probabilities.
-4. The partial results of the splits of a sequence are merged with log-sum-exp rescaling
-   (flash-decoding).
+:func:`paged_decode_attention` runs the compiled kernel (apexlib/kernels/paged_decode_attention.cpp:
+flash-decoding splits of whole blocks over the kernel's OpenMP team, K/V streamed in memory order
+with the query heads of a GQA group sharing each converted K/V element, online softmax per step,
+splits merged by log-sum-exp; its header records the design and what was measured and tried);
+:func:`paged_decode_attention_reference` is the plain-torch reference it is tested against.
+:func:`store_kv` appends new K/V rows (apexlib/kernels/store_kv.cpp; torch indexing as reference).
 
 SIMD paths: AVX-512 (F/BW/VL/DQ), AVX2+FMA+F16C, and portable scalar code, all in one build and
 picked at run time from CPUID; ``APEX_CPU_ISA=scalar|avx2|avx512`` forces one (RuntimeError if the
-CPU lacks it); :func:`selected_isa` tells which runs. ``APEX_CPU_ATTENTION=torch`` swaps the kernel
-for :func:`paged_decode_attention_reference` (plain torch, same signature) for debugging.
-
-Performance notes (2 Sapphire Rapids cores in a VM; ratios are kernel GB/s / DRAM read GB/s of the
-same run, batch 8-32, context 1k-4k, 16-token blocks unless said; the JSON files of
-``apex bench cpu-attention`` are in data/results/cpu_attention/):
-
-* the reference: the faster of two read loops over 2 GiB on 2 MiB pages, ~35 GB/s with 2 threads
-  (~18.6 with one). A single core is concurrency bound (line-fill buffers), so every core must keep
-  its misses in flight while it computes. Until 2026-11-25 the reference was the wide-load loop on
-  4 KiB pages (~29-31 GB/s), which flattered the ratios by ~11-17%;
-* the KV pool on 2 MiB pages (:mod:`apexlib.runner.host_memory`, as the engine's CPU tier):
-  kernel +8-10% (page walks of scattered blocks sat in front of the prefetches);
-* the machine's ceiling for this layout, measured in the same run by ``arith_stream_pass`` (every
-  K/V element read once in the kernel's order, widened, G fp32 FMAs, prefetched like the kernel):
-  0.84-0.89 of DRAM for Llama-2-7B (128 KiB blocks) but 0.62-0.65 for Llama-3.1-8B's GQA-4 (32 KiB
-  randomly placed blocks; with no arithmetic at all such blocks stream at ~0.75, with 64-token
-  blocks the stream reaches 0.72-0.80). The kernel reaches 0.81-0.86 of that stream, i.e. 0.69-0.75
-  of DRAM (MHA) and 0.51-0.56 (GQA-4) for fp16/bf16; fp32 MHA 0.78-0.82;
-* spreading the software prefetches over the compute: MHA fp16/bf16 0.66-0.69 -> 0.79-0.83 (old
-  reference); issued in bursts they fill the line-fill buffers and stall the compute. Prefetch
-  hints T0/T2, one prefetch per 128 B-4 KiB, and no software prefetch were all slower;
-* blocks with more than 128 KiB of K are cut into slices per softmax step: MHA with 64-token blocks
-  0.58-0.63 -> 0.72-0.78 (there the stream reaches 0.94-1.0: the kernel's compute is the limit);
-* softmax steps of up to 64 tokens / 128 KiB (GQA-4 +3-6 %). Tried, no gain from DRAM: 4-token x
-  4-head score tiles, bf16 even/odd-lane conversion, prefetch distances of 2-8 blocks, a K pass with
-  one register accumulator per query head for 16 heads at a time (+9-23 % in L2, none from DRAM).
-  Tried for bf16 KV and not kept: AVX512_BF16 ``vdpbf16ps`` (issues once per 2 cycles here) and
-  AMX-BF16 tiles (commit 83336e7: 1.5x faster with K/V in L2, slower from DRAM: a tile load that
-  waits on memory stalls the core instead of letting it run ahead to the next misses).
-
-Threads: :func:`set_num_threads` (default: every CPU this process may run on), optionally pinned
-to ``cpu_ids``. The kernels release the GIL while they run.
+CPU lacks it); :func:`selected_isa` tells which runs. ``APEX_CPU_ATTENTION=torch`` swaps the kernels
+for the plain-torch references (same signatures) for debugging. Threads: :func:`set_num_threads`
+(default: every CPU this process may run on), optionally pinned to ``cpu_ids``. The kernels release
+the GIL while they run. The probes of the same extension live apart: the DRAM read in
+:mod:`apexlib.attention.dram_probe`, the benchmark's minimum-arithmetic stream in
+:mod:`apexlib.bench.cpu_probes`.
 """
 
 from __future__ import annotations
@@ -73,8 +34,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import statistics
-import time
 from collections.abc import Sequence
 
 import torch
@@ -355,77 +314,3 @@ def store_kv(
         return
     _ext().store_kv(key.contiguous(), value.contiguous(), key_cache, value_cache, slot_mapping.contiguous())
 
-
-READ_VARIANTS = {0: "wide", 1: "widening"}
-
-
-def read_bandwidth_pass(buf: torch.Tensor, num_threads: int | None = None, variant: int = 0) -> float:
-    """Stream-read ``buf`` once with the kernels' threads and ISA (for the DRAM bandwidth probe).
-
-    ``variant`` 0 sums the widest loads; 1 reads the bytes as fp16 widened to fp32 (the conversion
-    paces the loads, which reads faster on some CPUs: apexlib/kernels/read_bandwidth.cpp). Returns a
-    checksum.
-    """
-    if variant not in READ_VARIANTS:
-        raise ValueError(f"variant must be one of {sorted(READ_VARIANTS)}, got {variant!r}")
-    return float(_ext().read_bandwidth_pass(buf, _isa_index(), int(num_threads or 0), int(variant)))
-
-
-def measure_read_bandwidth(buf: torch.Tensor, num_threads: int | None = None,
-                           repeats: int = 5) -> tuple[float, float, dict[str, float]]:
-    """This machine's read bandwidth over ``buf`` (far larger than the LLC) in GB/s (1e9 bytes/s).
-
-    Times ``repeats`` passes of every :data:`READ_VARIANTS` loop (after one untimed pass each) and
-    returns (median of the faster variant, best single pass of it, {variant name: median}): the
-    reference is the fastest read this machine does, whichever loop gets it.
-    """
-    nbytes = buf.numel() * buf.element_size() // 512 * 512
-    medians: dict[str, float] = {}
-    bests: dict[str, float] = {}
-    for variant, name in READ_VARIANTS.items():
-        read_bandwidth_pass(buf, num_threads, variant)
-        times = []
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            read_bandwidth_pass(buf, num_threads, variant)
-            times.append(time.perf_counter() - t0)
-        medians[name] = nbytes / statistics.median(times) / 1e9
-        bests[name] = nbytes / min(times) / 1e9
-    top = max(medians, key=medians.get)
-    return medians[top], bests[top], medians
-
-
-def arith_stream_pass(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    num_heads: int,
-    num_threads: int | None = None,
-) -> float:
-    """Minimum-arithmetic stream over a paged K/V cache: a probe for the benchmark, not attention.
-
-    Reads every valid K and V element of each sequence's context once (``context_lens[s]`` tokens,
-    blocks from ``block_tables``, all KV heads of each token row), with the kernel's work split,
-    threads and ISA and a software prefetch one line per line consumed, 16 KiB ahead
-    (``APEX_ARITH_STREAM_PREFETCH_BYTES``), widens it to fp32 and does ``G = num_heads //
-    num_kv_heads`` fp32 FMAs with it: the work decode attention cannot avoid, without the softmax.
-    Its time is what the benchmark's ``arith_stream_gbps`` reports.
-
-    Returns a checksum: the sum over all valid K and V elements ``x`` of ``x * sum_g q_g[j]``, with
-    ``q_g[j] = (8 * g + j + 1) / 64`` for ``g < G`` and ``j`` the element's index in its token row
-    mod 8 (accumulated in fp32 per work item and summed over items in a fixed order: deterministic for
-    a given thread count, and within ~1e-6 of a float64 reference relative to the sum of
-    ``|x| * sum_g q_g[j]``). Raises ValueError naming the argument for bad shapes, dtypes,
-    context lengths or block ids.
-    """
-    _check_cpu_tensors(key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-                       context_lens=context_lens)
-    _check_paged_kv(key_cache, value_cache, block_tables, context_lens)
-    _, _, num_kv_heads, head_dim = key_cache.shape
-    if head_dim % 16 != 0:
-        _fail("key_cache", f"head_dim must be a multiple of 16, got {tuple(key_cache.shape)}")
-    if not isinstance(num_heads, int) or num_heads < 1 or num_heads % max(num_kv_heads, 1) != 0:
-        _fail("num_heads", f"must be a positive multiple of num_kv_heads {num_kv_heads}, got {num_heads!r}")
-    return float(_ext().arith_stream_pass(key_cache, value_cache, block_tables, context_lens, int(num_heads),
-                                          _isa_index(), int(num_threads or 0)))

@@ -13,7 +13,7 @@ same process and with the same threads:
   the DRAM read is measured again after it, and the row is re-measured (``--attempts``, default 4)
   while either DRAM figure is below 90% of the run's best (other processes busy on the cores);
 * ``arith_stream_gbps``: right after the kernel, on the same rotating KV sets and threads, the
-  minimum-arithmetic stream (apexlib.attention.cpu.arith_stream_pass): every K and V element read
+  minimum-arithmetic stream (apexlib.bench.cpu_probes.arith_stream_pass): every K and V element read
   once in the kernel's work order, widened to fp32 and used in G = num_heads / num_kv_heads fp32
   FMAs (the arithmetic decode attention cannot avoid), with a T1 software prefetch per line,
   without softmax; ``arith_stream_ratio_to_dram`` = arith_stream_gbps / dram_read_gbps (how far the
@@ -176,9 +176,9 @@ def _kernel_call(r: int, *, query, kc, vc, tables, lens, out) -> None:
 
 
 def _arith_stream_call(r: int, *, kc, vc, tables, lens, num_heads: int) -> None:
-    from apexlib.attention import cpu
+    from apexlib.bench import cpu_probes
 
-    cpu.arith_stream_pass(kc, vc, tables[r % tables.shape[0]], lens, num_heads)
+    cpu_probes.arith_stream_pass(kc, vc, tables[r % tables.shape[0]], lens, num_heads)
 
 
 def _sdpa_call(r: int, *, q4, kc, vc, tables, ctx: int) -> None:
@@ -186,10 +186,10 @@ def _sdpa_call(r: int, *, q4, kc, vc, tables, ctx: int) -> None:
 
 
 def measure_dram(buf: torch.Tensor, threads: int, repeats: int) -> tuple[float, float]:
-    """(median, best) GB/s of the faster read loop (cpu.measure_read_bandwidth) over ``buf``."""
-    from apexlib.attention import cpu
+    """(median, best) GB/s of the faster read loop (dram_probe.measure_read_bandwidth) over ``buf``."""
+    from apexlib.attention import dram_probe
 
-    med, best, _ = cpu.measure_read_bandwidth(buf, threads, repeats)
+    med, best, _ = dram_probe.measure_read_bandwidth(buf, threads, repeats)
     return med, best
 
 
@@ -200,6 +200,7 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
     from rich.progress import Progress
 
     from apexlib.attention import cpu
+    from apexlib.attention.dram_probe import measure_read_bandwidth
 
     cpu.set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -230,11 +231,14 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
         "arith_stream": arith_stream,
         "arith_stream_prefetch_bytes": int(os.environ.get("APEX_ARITH_STREAM_PREFETCH_BYTES", 16 * 1024)),
         "transparent_huge_pages": thp_mode(),
+        # 1-minute load average before and after the grid: well above this run's own threads means other
+        # processes shared the cores (the DRAM re-checks catch part of that, not all)
+        "load_average_start": os.getloadavg()[0],
         "vllm": None if peer is None else {k: peer.info.get(k) for k in ("vllm", "torch", "threads")},
     }
     # the reference read runs on 2 MiB pages too (where possible): the best this machine reads
     dram_buf = host_empty((dram_bytes // 8,), torch.float64).fill_(1.0)
-    gbps0, best0, by_variant = cpu.measure_read_bandwidth(dram_buf, threads, max(repeats, 5))
+    gbps0, best0, by_variant = measure_read_bandwidth(dram_buf, threads, max(repeats, 5))
     meta["dram_read_gbps_start_by_loop"] = by_variant
     meta["dram_read_gbps_start"] = gbps0
     meta["dram_read_gbps_start_best"] = best0
@@ -369,6 +373,7 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
             })
             bar.advance(task)
     meta["anon_huge_page_bytes"] = anon_huge_bytes()  # > 0: the pool and the probe lie on 2 MiB pages
+    meta["load_average_end"] = os.getloadavg()[0]
     return meta, rows
 
 

@@ -105,8 +105,56 @@
 // vs 3.93/3.86, GQA-4 bf16 batch 8 ctx 4k 2.80/3.05 vs 3.36/3.35, MHA fp16 batch 8 ctx 1k 3.73/3.73 vs
 // 4.20/4.05; busy cores; the benchmark run with this variant and the vLLM peer:
 // 2026-11-29-epyc-avx2-2c-bs16-vpack-variant.json, kernel / stream 0.55-0.89 outside one outlier row,
-// vLLM 0.32's CPU op (vec16) 1.4-3.0 GB/s, ours 1.2-3.0x it). Untried here (next): a V pass whose column tile covers whole 64-byte lines
-// (bf16/fp16: DV = 4, GT = 2 on 16 ymm registers), and measuring on quiet cores.
+// vLLM 0.32's CPU op (vec16) 1.4-3.0 GB/s, ours 1.2-3.0x it). Next from there: a V pass whose column tile covers whole 64-byte lines
+// (bf16/fp16: DV = 4, GT = 2 on 16 ymm registers; tried below, slower).
+
+// Earlier notes that lived in apexlib/attention/cpu.py (2 SPR cores in a VM): the KV pool on 2 MiB pages
+// (apexlib.runner.host_memory, as the engine's CPU tier) made the kernel +8-10 % (page walks of scattered
+// blocks sat in front of the prefetches); one SPR core reads only ~18.6 of the ~35 GB/s of two (a core is
+// bound by its line-fill buffers), so every core must keep its misses in flight while it computes;
+// fp32 MHA reached 0.78-0.82 of DRAM; prefetch hints T0/T2, one prefetch per 128 B-4 KiB and no software
+// prefetch were all slower than T1 on every line.
+
+// 2026-11-29 (later), AVX2 GQA-4 path on the same 2-core AMD EPYC (Zen 3, ~2.5 GHz, L1D 32 KiB, L2 512 KiB per
+// core), other sessions busy on the cores throughout (load 2-4 on 2 cores), so only same-run ratios count.
+// Benchmark, target rows (fp16/bf16, batch 8/32, context 1k/4k, block 16, 2 threads, this body unchanged):
+// kernel / stream MHA 0.76-0.92, GQA-4 0.62-0.74 (fp16; 0.80 on a row whose DRAM probe read 16 GB/s) and
+// 0.58-0.64 (bf16); stream / DRAM 0.62-0.97; vLLM 0.32's CPU op 1.9-3.0x slower on 15 of 16 rows
+// (data/results/cpu_attention/2026-11-29-epyc-avx2-2c-bs16-b8-32.json).
+// In cache the gap is the same (1 thread, K/V in L2, GQA-4 bf16 batch 1 context 256, best of 3000 calls):
+// kernel 10.5-11.7 GB/s against the stream's 19-21 (0.52-0.58); the stream runs at the FMA peak here
+// (4 FMAs per 8 elements, 2 FMAs per cycle, ~2.5 GHz -> ~20 GB/s per core). Split of the kernel's time, in
+// units of the stream's time for the same bytes (variants with one part left out, same run): K pass ~0.55
+// (ideal 0.5), V pass ~0.72 (ideal 0.5), softmax ~0.08, software prefetch ~0.1, the rest (score
+// reductions, loop bookkeeping) ~0.3. No one part holds the missing 0.8. The V loop per token and column
+// tile (GT = 4 heads x DV = 2 vectors) is ~27 instructions for 8 FMAs (4 broadcasts, 2 widening loads, 2
+// shifts for bf16, the prefetch tick, addressing), so the loop is probably issue-bound rather than
+// FMA-bound (this VM exposes no performance counters to confirm it).
+// Tried, not kept (in cache unless said; ratio = kernel / stream, best of 3000 calls, alternating runs):
+// * V column tiles covering whole 64-byte lines (GT = 2, DV = 4: each V element widened twice for
+//   GQA-4): 0.50-0.53 against 0.55-0.56;
+// * probabilities pre-broadcast per kv head and step into an 8-lane buffer (FMA operands loaded instead of
+//   vbroadcastss): 0.37-0.49 against 0.55-0.58 (broadcasts are loads either way);
+// * V pass in chunks of 8 or 16 tokens x all column tiles (each line used by both half-line tiles while in
+//   L1; the 2 KiB row stride maps a step's rows to two L1 sets): 0.46-0.51 against 0.52-0.56;
+// * K pass over two token rows at once (query chunk loaded once for both; 8 accumulators): K pass alone
+//   0.91-0.93 against 0.90-0.91, full kernel unchanged;
+// * V pass 4 tokens per prefetch tick (GQA tiles only): GQA-4 bf16 +0-3 %, fp16 mixed, from DRAM within the
+//   noise; with MHA tiles unrolled too MHA fp16 was 15-20 % slower;
+// * prefetch hint T0 or NTA instead of T1 from DRAM (1 thread, batch 4, context 1k, 4 KV sets): no
+//   difference outside the noise (on Zen the hint level hardly matters).
+// * bf16 widened as even/odd halves of 32-bit words in both passes (one 32-byte load + shift + and per 16
+//   elements instead of two widening loads and two shifts; the query permuted per 16-element chunk in the
+//   driver, each item's output columns unpermuted once at its end; results identical): GQA-4 bf16 in cache
+//   +2-4 % (best 11.3 -> 11.6-11.8 GB/s), MHA bf16 +1-8 %, from DRAM (1 thread, batch 4, context 1k)
+//   0.55-0.67 against 0.58-0.69: nothing outside the noise, so not worth the permuted layouts.
+// Few long sequences (the split above, 2 threads): batch 1-2 at 8k-32k reach kernel / stream 0.82-0.95 for
+// MHA but 0.37-0.61 for GQA-4, and in one run with both, GQA-4 batch 1 at 8k 0.44-0.55 against batch 8
+// at 1k 0.53-0.74 although both cut into the same eight 1024-token items
+// (2026-11-29-epyc-avx2-2c-bs16-b1-2-long.json, -gqa-b1-vs-b8.json); with 2 threads on 2 shared cores the
+// median call is 2-5x slower than the best one (a descheduled team member stalls the other), so that gap is
+// not resolved here. Next: the issue-bound V loop (fewer instructions per FMA than ~3) and the score
+// reduction per K row, measured on quiet cores.
 
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 

@@ -24,11 +24,11 @@ def measure_dram_read_gbps(num_threads: int | None = None, megabytes: int = 256,
     """
     import torch
 
-    from apexlib.attention import cpu as cpu_attention
+    from apexlib.attention.dram_probe import measure_read_bandwidth
     from apexlib.runner.host_memory import host_empty
 
     buffer = host_empty((megabytes * 2**20 // 4,), torch.float32).fill_(1.0)
-    median, _, _ = cpu_attention.measure_read_bandwidth(buffer, num_threads, repetitions)
+    median, _, _ = measure_read_bandwidth(buffer, num_threads, repetitions)
     return median
 
 
@@ -47,7 +47,7 @@ def this_machine(dram_gbps: float | None = None) -> HardwareSpec:
     if dram_gbps is None:
         try:
             dram_gbps = measure_dram_read_gbps()
-            dram_source = measured + " with apexlib.attention.cpu.measure_read_bandwidth (faster loop, median of 5, 256 MiB)"
+            dram_source = measured + " with apexlib.attention.dram_probe.measure_read_bandwidth (faster loop, median of 5, 256 MiB)"
         except (ImportError, RuntimeError, OSError) as error:
             logger.warning("DRAM probe unavailable (%s); assuming 25 GB/s", error)
             dram_gbps, dram_source = 25.0, "ASSUMPTION: 25 GB/s (docs/paper notes: ~25 GB/s read on 2 cores)"
