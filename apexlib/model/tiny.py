@@ -227,6 +227,10 @@ TINY_PRESETS: dict[str, TinyModelSpec] = {
     "demo": TinyModelSpec(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                           num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
                           max_position_embeddings=2048, name="demo"),
+    # the end-to-end CPU comparison (apex bench e2e): hidden 512, 4 layers, 8 query / 2 KV heads
+    "bench512": TinyModelSpec(hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+                              num_attention_heads=8, num_key_value_heads=2, vocab_size=1024,
+                              max_position_embeddings=2048, name="bench512"),
 }
 
 
