@@ -52,7 +52,8 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(engine_args, host=args.host, port=args.port,
                  served_model_names=tuple(args.served_model_name) if args.served_model_name else None,
                  max_waiting=args.max_waiting, drain_timeout=args.drain_timeout,
-                 iteration_retries=args.iteration_retries, log_level=args.log_level)
+                 iteration_retries=args.iteration_retries, log_level=args.log_level,
+                 engine_process=not args.engine_thread)
 
 
 def _tiny(args: argparse.Namespace) -> int:
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="failed engine iterations retried before the requests they touched are failed")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (info: access log)")
+    serve.add_argument("--engine-thread", action="store_true",
+                       help="step the engine in a thread of the HTTP process instead of a process of its own "
+                            "(the default: the two then never wait on one GIL)")
     serve.add_argument("--policy", default="gpu_only", help="gpu_only, hybrid, neo, apex")
     serve.add_argument("--cost-model", default=None,
                        help="neo/apex: a profile JSON, 'roofline:<hardware>' or 'zero'")

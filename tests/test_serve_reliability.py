@@ -279,3 +279,28 @@ def test_soak_mixed_concurrency(tiny_path):
 @pytest.mark.slow
 def test_soak_mixed_concurrency_long(tiny_path):
     _run_soak(tiny_path, 3000, SOAK_RSS_BOUND_MIB)
+
+
+def test_engine_process_death_fails_in_flight_requests_and_later_ones_get_503(tiny_path):
+    live = LiveServer(tiny_path("gqa"), engine_process=True)
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).status_code == 200
+            engine_pid = live.loop._process.pid
+            assert engine_pid != os.getpid()  # the engine is stepped in a process of its own
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = (line for line in response.iter_lines() if line.startswith("data: "))
+                assert json.loads(next(lines)[6:])["choices"]  # it is streaming
+                os.kill(engine_pid, signal.SIGKILL)
+                rest = list(lines)
+            assert rest[-1] == "data: [DONE]"
+            error = json.loads(rest[-2][6:])["error"]
+            assert error["code"] == 500 and error["type"] == "internal_error"
+            assert "engine process exited" in error["message"]
+            health = http.get("/health")
+            assert health.status_code == 503 and "engine process exited" in health.json()["error"]
+            later = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+            assert later.status_code == 503 and later.headers["retry-after"]
+    finally:
+        live.close()
