@@ -78,6 +78,8 @@ def _bench(args: argparse.Namespace) -> int:
         return cpu_attention_main(args.rest)
     if args.target == "serve":
         return _bench_serve(args)
+    if args.target == "serve-compare":
+        return _bench_serve_compare(args)
     if args.target not in (None, "engine"):
         raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, serve, cpu-attention)")
     return _bench_engine(args)
@@ -109,6 +111,34 @@ def _bench_serve(args: argparse.Namespace) -> int:
                                                served_model=args.served_model_name,
                                                max_concurrency=args.max_concurrency))
     _write_and_summarise(results, args, "bench-serve-", "apex bench serve")
+    return 0
+
+
+def _bench_serve_compare(args: argparse.Namespace) -> int:
+    """``apex bench serve-compare --model PATH --rate 1 2 4 8 0 ...``: apex serve and vLLM's server (and the
+    engine in-process) on the same workload and rates, one results directory."""
+    from apexlib.bench.report import print_summary
+    from apexlib.bench.serve_compare import CompareSettings, run_compare
+
+    if not args.model:
+        raise SystemExit("apex bench serve-compare: give --model, the checkpoint both servers load")
+    settings = CompareSettings(
+        model=args.model, workload=args.workload[0], num_requests=args.num_requests,
+        rates=tuple(args.rate or (1.0, 2.0, 4.0, 8.0, 0.0)), engines=tuple(args.servers), repeats=args.repeats,
+        block_size=args.block_size, max_model_len=args.max_model_len or 512,
+        dtype="float32" if args.dtype == "auto" else args.dtype, threads=args.threads, seed=args.seed,
+        warmup=args.warmup, vllm_python=args.vllm_python, lock=args.lock)
+    experiment = args.experiment or "serve-compare"
+    directory, results, report = run_compare(settings, args.out, experiment, argv=["bench", *sys.argv[2:]])
+    from rich.console import Console
+
+    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
+                  title=f"apex bench serve-compare: {experiment}")
+    for rate, entry in report["http_over_engine_tokens_per_s"].items():
+        sys.stdout.write(f"rate {rate}: apex serve {entry['server_tok_s']:.1f} tok/s over the engine in-process "
+                         f"{entry['reference_tok_s']:.1f} tok/s = {entry['ratio']:.3f} (medians of "
+                         f"{len(entry['server_runs'])})\n")
+    sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
     return 0
 
 
@@ -356,9 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "--engine/--workload/--rate/--num-gpu-blocks), prints a summary table and writes tidy rows "
                     "to OUT/EXPERIMENT/. `apex bench cpu-attention ...` runs the CPU attention benchmark with "
                     "its own options.")
-    bench.add_argument("target", nargs="?", default=None, choices=["engine", "serve", "cpu-attention"],
+    bench.add_argument("target", nargs="?", default=None, choices=["engine", "serve", "serve-compare", "cpu-attention"],
                        help="which benchmark (default: engine; serve: a running OpenAI-compatible server over "
-                            "HTTP, `apex serve` or `vllm serve`)")
+                            "HTTP, `apex serve` or `vllm serve`; serve-compare: starts apex serve and vLLM's server "
+                            "and runs serve against each at every --rate)")
+    bench.add_argument("--servers", nargs="+", default=["apexlib", "vllm"],
+                       choices=["apexlib", "vllm", "apexlib-engine"],
+                       help="serve-compare: the servers to start (apexlib-engine: the engine stepped in-process, "
+                            "the reference of the HTTP overhead)")
+    bench.add_argument("--repeats", type=int, default=1, help="serve-compare: runs per engine and rate "
+                                                              "(alternating order)")
+    bench.add_argument("--threads", type=int, default=1, help="serve-compare: OMP/torch threads of every engine")
+    bench.add_argument("--lock", default=None, help="serve-compare: a file to hold an exclusive flock on during "
+                                                    "each timed run")
     bench.add_argument("--base-url", default=None, help="serve: the server, e.g. http://127.0.0.1:8000")
     bench.add_argument("--served-model-name", default=None, help="serve: 'model' to send (default: the first "
                                                                    "the server lists)")
