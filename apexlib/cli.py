@@ -134,10 +134,12 @@ def _bench_serve_compare(args: argparse.Namespace) -> int:
 
     print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
                   title=f"apex bench serve-compare: {experiment}")
-    for rate, entry in report["http_over_engine_tokens_per_s"].items():
-        sys.stdout.write(f"rate {rate}: apex serve {entry['server_tok_s']:.1f} tok/s over the engine in-process "
-                         f"{entry['reference_tok_s']:.1f} tok/s = {entry['ratio']:.3f} (medians of "
-                         f"{len(entry['server_runs'])})\n")
+    for key, name in (("http_over_engine_tokens_per_s", "apex serve"),
+                      ("http_engine_thread_over_engine_tokens_per_s", "apex serve --engine-thread")):
+        for rate, entry in report[key].items():
+            sys.stdout.write(f"rate {rate}: {name} {entry['server_tok_s']:.1f} tok/s over the engine in-process "
+                             f"{entry['reference_tok_s']:.1f} tok/s = {entry['ratio']:.3f} (medians of "
+                             f"{len(entry['server_runs'])})\n")
     sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
     return 0
 
@@ -391,9 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "HTTP, `apex serve` or `vllm serve`; serve-compare: starts apex serve and vLLM's server "
                             "and runs serve against each at every --rate)")
     bench.add_argument("--servers", nargs="+", default=["apexlib", "vllm"],
-                       choices=["apexlib", "vllm", "apexlib-engine"],
-                       help="serve-compare: the servers to start (apexlib-engine: the engine stepped in-process, "
-                            "the reference of the HTTP overhead)")
+                       choices=["apexlib", "apexlib-thread", "vllm", "apexlib-engine"],
+                       help="serve-compare: the servers to start (apexlib-thread: apex serve --engine-thread; "
+                            "apexlib-engine: the engine stepped in-process, the reference of the HTTP overhead)")
     bench.add_argument("--repeats", type=int, default=1, help="serve-compare: runs per engine and rate "
                                                               "(alternating order)")
     bench.add_argument("--threads", type=int, default=1, help="serve-compare: OMP/torch threads of every engine")

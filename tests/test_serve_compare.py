@@ -17,21 +17,24 @@ def test_serve_compare_runs_server_and_engine_at_each_rate(tiny_path, tmp_path):
     from apexlib.cli import main
 
     model = str(tiny_path("gqa"))
-    code = main(["bench", "serve-compare", "--model", model, "--servers", "apexlib", "apexlib-engine",
+    code = main(["bench", "serve-compare", "--model", model, "--servers", "apexlib", "apexlib-thread", "apexlib-engine",
                  "--workload", "tiny-online", "--num-requests", "4", "--rate", "8", "0", "--block-size", "8",
                  "--max-model-len", "256", "--warmup", "1", "--out", str(tmp_path), "--experiment", "cmp",
                  "--lock", str(tmp_path / "lock")])
     assert code == 0
     rows = pd.read_csv(tmp_path / "cmp" / "rows.csv")
     summary = rows[rows["row_type"] == "summary"]
-    assert sorted(summary["engine"]) == ["apexlib", "apexlib", "apexlib-serve", "apexlib-serve"]
+    assert sorted(summary["engine"]) == ["apexlib", "apexlib", "apexlib-serve", "apexlib-serve",
+                                         "apexlib-thread-serve", "apexlib-thread-serve"]
     assert set(summary["block_size"]) == {8} and (summary["completed"] == 4).all()
     assert summary["ttft_p99_s"].notna().all() and summary["tpot_p99_s"].notna().all()
     report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert set(report["http_over_engine_tokens_per_s"]) == {"8", "all"}
-    for entry in report["http_over_engine_tokens_per_s"].values():
-        assert entry["ratio"] == pytest.approx(entry["server_tok_s"] / entry["reference_tok_s"])
+    for key in ("http_over_engine_tokens_per_s", "http_engine_thread_over_engine_tokens_per_s"):
+        assert set(report[key]) == {"8", "all"}
+        for entry in report[key].values():
+            assert entry["ratio"] == pytest.approx(entry["server_tok_s"] / entry["reference_tok_s"])
     assert "--block-size 8" in report["server_commands"]["apexlib"] and report["cpu_model"]
+    assert report["server_commands"]["apexlib-thread"].endswith("--engine-thread")
 
 
 def test_server_commands_pass_the_same_settings():

@@ -38,8 +38,11 @@ import httpx
 from apexlib.bench.runner import BenchmarkResult, BenchmarkSettings, load_workload, write_results
 
 logger = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would be the client's cost
 
-ENGINES = ("apexlib", "vllm", "apexlib-engine")
+#: apexlib: `apex serve` (engine in its own process); apexlib-thread: `apex serve --engine-thread`; vllm: vLLM's
+#: OpenAI server; apexlib-engine: the engine stepped in this process, no HTTP (the reference of the overhead)
+ENGINES = ("apexlib", "apexlib-thread", "vllm", "apexlib-engine")
 
 
 class ServerStartError(RuntimeError):
@@ -192,7 +195,7 @@ def _in_process(workload, offline: bool, settings: CompareSettings, experiment: 
 
 
 def ratios(results: Sequence[BenchmarkResult], server: str = "apexlib-serve",
-           reference: str = "apexlib") -> dict[str, dict[str, float]]:
+           reference: str = "apexlib") -> dict[str, dict[str, Any]]:
     """Per rate: the median output tokens/s of ``server`` and ``reference`` and their ratio."""
     by: dict[tuple[str, str], list[float]] = {}
     for result in results:
@@ -227,6 +230,8 @@ def run_compare(settings: CompareSettings, out: str | Path | None, experiment: s
             port = free_port()
             if engine == "apexlib":
                 command, server_env = apex_server_command(settings, port), env
+            elif engine == "apexlib-thread":
+                command, server_env = [*apex_server_command(settings, port), "--engine-thread"], env
             else:
                 from apexlib.bench.vllm_runner import find_vllm_python
 
@@ -285,6 +290,7 @@ def run_compare(settings: CompareSettings, out: str | Path | None, experiment: s
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(settings).items()},
         "load_average_1m": [{"run": label, "before": b, "after": a} for label, b, a in loads],
         "http_over_engine_tokens_per_s": ratios(results),
+        "http_engine_thread_over_engine_tokens_per_s": ratios(results, server="apexlib-thread-serve"),
     }
     (directory / "compare.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return directory, results, report
