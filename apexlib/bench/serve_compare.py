@@ -215,7 +215,6 @@ def run_compare(settings: CompareSettings, out: str | Path | None, experiment: s
                 argv: Sequence[str] | None = None) -> tuple[Path, list[BenchmarkResult], dict[str, Any]]:
     """Run every engine at every rate (``repeats`` times, alternating order) and write the rows."""
     from apexlib.bench.serve_client import run_serve_benchmark
-    from apexlib.envinfo import cpu_info
 
     env = {**thread_env(settings.threads), **settings.extra_env}
     results: list[BenchmarkResult] = []
@@ -272,10 +271,19 @@ def run_compare(settings: CompareSettings, out: str | Path | None, experiment: s
                     result = replace(result, extra={**result.extra, "repeat": repeat,
                                                     "load_average_1m": [load_before, load_after]})
                     results.append(result)
-        if "apexlib-engine" in engine_cache or "apexlib-engine" in settings.engines:
-            cache = engine_cache.get("engine")
-            if cache is not None:
-                cache.close()
+                    _write(results, out, experiment, settings, commands, loads, argv)
+        if engine_cache.get("engine") is not None:
+            engine_cache["engine"].close()
+    directory, report = _write(results, out, experiment, settings, commands, loads, argv)
+    return directory, results, report
+
+
+def _write(results: list[BenchmarkResult], out: str | Path | None, experiment: str, settings: CompareSettings,
+           commands: dict[str, str], loads: list[tuple[str, float, float]],
+           argv: Sequence[str] | None) -> tuple[Path, dict[str, Any]]:
+    """The rows so far and compare.json (rewritten after every run, so an interrupted comparison keeps its runs)."""
+    from apexlib.envinfo import cpu_info
+
     directory = write_results(results, out, experiment)
     facts = cpu_info()
     report = {
@@ -293,4 +301,4 @@ def run_compare(settings: CompareSettings, out: str | Path | None, experiment: s
         "http_engine_thread_over_engine_tokens_per_s": ratios(results, server="apexlib-thread-serve"),
     }
     (directory / "compare.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    return directory, results, report
+    return directory, report
