@@ -129,7 +129,7 @@ def _bench_serve_compare(args: argparse.Namespace) -> int:
         dtype="float32" if args.dtype == "auto" else args.dtype, threads=args.threads, seed=args.seed,
         warmup=args.warmup, vllm_python=args.vllm_python, lock=args.lock)
     experiment = args.experiment or "serve-compare"
-    directory, results, report = run_compare(settings, args.out, experiment, argv=["bench", *sys.argv[2:]])
+    directory, results, report = run_compare(settings, args.out, experiment, argv=args.command_line)
     from rich.console import Console
 
     print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
@@ -588,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.rest = rest
+        args.command_line = [*argv, *rest]  # provenance of the results it writes
     if args.command in ("profile", "gpu-check"):
         args.argv = argv[argv.index(args.command) + 1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
