@@ -279,8 +279,10 @@ def _run_soak(tiny_path, num_requests: int, rss_bound_mib: float, engine_process
 SOAK_RSS_BOUND_MIB = 64
 
 
-@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+@pytest.mark.parametrize("engine_process", [pytest.param(False, id="engine-thread", marks=pytest.mark.slow),
+                                            pytest.param(True, id="engine-process")])
 def test_soak_mixed_concurrency(tiny_path, engine_process):
+    """300 requests; the default (engine process) in make test, the engine thread in make test-all."""
     _run_soak(tiny_path, 300, SOAK_RSS_BOUND_MIB, engine_process)
 
 
