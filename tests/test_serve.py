@@ -16,9 +16,10 @@ from apexlib.serve.detok import IncrementalDetokenizer, StopStringMatcher
 pytestmark = pytest.mark.timeout(300)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_path):
-    live = LiveServer(tiny_path("gqa"))
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def server(tiny_path, request):
+    """The server with its engine in a thread of its own process, and in a process of its own."""
+    live = LiveServer(tiny_path("gqa"), engine_process=request.param == "engine-process")
     yield live
     live.close()
 

@@ -148,9 +148,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_path):
         process.stderr.close()
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
+def _rss_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _server_rss(live: LiveServer) -> int:
+    """This process (server and client), plus the engine process when the engine runs in one."""
+    return _rss_bytes() + (_rss_bytes(live.loop._process.pid) if live.engine_process else 0)
 
 
 async def _soak(url: str, num_requests: int, seed: int) -> dict[str, int]:
@@ -240,20 +245,21 @@ async def _soak(url: str, num_requests: int, seed: int) -> dict[str, int]:
     return counts
 
 
-def _run_soak(tiny_path, num_requests: int, rss_bound_mib: float) -> None:
-    live = LiveServer(tiny_path("gqa"), serve={"max_waiting": 24}, max_num_seqs=16, num_gpu_blocks=64)
+def _run_soak(tiny_path, num_requests: int, rss_bound_mib: float, engine_process: bool = False) -> None:
+    live = LiveServer(tiny_path("gqa"), serve={"max_waiting": 24}, engine_process=engine_process, max_num_seqs=16,
+                      num_gpu_blocks=64)
     try:
         asyncio.run(_soak(live.url, 40, seed=1))  # warm-up: allocator pools, lazy imports, code paths
         live.wait_idle()
-        rss_start = _rss_bytes()
+        rss_start = _server_rss(live)
         started = time.monotonic()
         counts = asyncio.run(_soak(live.url, num_requests, seed=2))
         seconds = time.monotonic() - started
         live.wait_idle(timeout=60)
-        rss_end = _rss_bytes()
+        rss_end = _server_rss(live)
         snap = live.loop.snapshot
         accounted = counts["completed"] + counts["rejected"] + counts["client_left"] + counts["errors"]
-        summary = (f"soak: {num_requests} requests in {seconds:.1f} s: {counts['completed']} completed, "
+        summary = (f"soak ({'engine process' if engine_process else 'engine thread'}): {num_requests} requests in {seconds:.1f} s: {counts['completed']} completed, "
                    f"{counts['rejected']} rejected (503), {counts['client_left']} left early, {counts['errors']} "
                    f"errors, {num_requests - accounted} lost; RSS {rss_start / 2**20:.0f} -> {rss_end / 2**20:.0f} "
                    f"MiB; KV free at end {snap.free_blocks} of {snap.total_blocks}; preemptions "
@@ -268,14 +274,44 @@ def _run_soak(tiny_path, num_requests: int, rss_bound_mib: float) -> None:
         live.close()
 
 
-#: RSS growth bound of the soak (the test process: server, engine and client together).
+#: RSS growth bound of the soak (the test process: server, engine and client together; with the engine in a
+#: process of its own, both processes together).
 SOAK_RSS_BOUND_MIB = 64
 
 
-def test_soak_mixed_concurrency(tiny_path):
-    _run_soak(tiny_path, 300, SOAK_RSS_BOUND_MIB)
+@pytest.mark.parametrize("engine_process", [pytest.param(False, id="engine-thread", marks=pytest.mark.slow),
+                                            pytest.param(True, id="engine-process")])
+def test_soak_mixed_concurrency(tiny_path, engine_process):
+    """300 requests; the default (engine process) in make test, the engine thread in make test-all."""
+    _run_soak(tiny_path, 300, SOAK_RSS_BOUND_MIB, engine_process)
 
 
 @pytest.mark.slow
-def test_soak_mixed_concurrency_long(tiny_path):
-    _run_soak(tiny_path, 3000, SOAK_RSS_BOUND_MIB)
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_soak_mixed_concurrency_long(tiny_path, engine_process):
+    _run_soak(tiny_path, 3000, SOAK_RSS_BOUND_MIB, engine_process)
+
+
+def test_engine_process_death_fails_in_flight_requests_and_later_ones_get_503(tiny_path):
+    live = LiveServer(tiny_path("gqa"), engine_process=True)
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            assert http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3}).status_code == 200
+            engine_pid = live.loop._process.pid
+            assert engine_pid != os.getpid()  # the engine is stepped in a process of its own
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = (line for line in response.iter_lines() if line.startswith("data: "))
+                assert json.loads(next(lines)[6:])["choices"]  # it is streaming
+                os.kill(engine_pid, signal.SIGKILL)
+                rest = list(lines)
+            assert rest[-1] == "data: [DONE]"
+            error = json.loads(rest[-2][6:])["error"]
+            assert error["code"] == 500 and error["type"] == "internal_error"
+            assert "engine process exited" in error["message"]
+            health = http.get("/health")
+            assert health.status_code == 503 and "engine process exited" in health.json()["error"]
+            later = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+            assert later.status_code == 503 and later.headers["retry-after"]
+    finally:
+        live.close()

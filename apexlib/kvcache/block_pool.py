@@ -1,6 +1,6 @@
 """A pool of fixed-size KV blocks for one memory tier. Torch-free.
 
-Block ids are indices into that tier's cache tensors (``kvcache.storage``). Freed blocks go to
+Block ids are indices into that tier's cache tensors (``runner.kv_storage``). Freed blocks go to
 the back of the free queue, so a block that was just released is the last to be reused.
 """
 

@@ -84,7 +84,7 @@ class KVCacheManager:
     def move(self, request_id: str, destination: Tier) -> list[tuple[int, int]] | None:
         """Re-home all blocks of a request in ``destination``: (source_block, destination_block) pairs.
 
-        The caller copies the block contents (``kvcache.storage``) before the source blocks are reused;
+        The caller copies the block contents (``runner.kv_storage``) before the source blocks are reused;
         the source blocks are freed here, so copies must happen in the same iteration, before writes.
         """
         if not self.can_move(request_id, destination):

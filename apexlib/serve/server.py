@@ -32,26 +32,32 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def make_app(engine_args: EngineArgs, served_model_names: tuple[str, ...] | None = None,
-             iteration_retries: int = 1, **settings: Any):
-    """(app, loop) for ``engine_args``: the engine is built here (it loads the weights)."""
-    from apexlib.engine.engine import LLMEngine
+             iteration_retries: int = 1, engine_process: bool = False, **settings: Any):
+    """(app, loop) for ``engine_args``: the engine is built here (it loads the weights), in a thread of this
+    process (``engine_process=False``) or in a process of its own (:mod:`apexlib.serve.process_loop`)."""
     from apexlib.serve.app import ServeSettings, build_app
-    from apexlib.serve.loop import EngineLoop
 
     serve_settings = ServeSettings(served_model_names=tuple(served_model_names or (engine_args.model,)), **settings)
-    engine = LLMEngine(engine_args)
-    loop = EngineLoop(engine, iteration_retries=iteration_retries)
+    if engine_process:
+        from apexlib.serve.process_loop import ProcessEngineLoop
+
+        loop = ProcessEngineLoop(engine_args, iteration_retries=iteration_retries)
+    else:
+        from apexlib.engine.engine import LLMEngine
+        from apexlib.serve.loop import EngineLoop
+
+        loop = EngineLoop(LLMEngine(engine_args), iteration_retries=iteration_retries)
     return build_app(loop, serve_settings), loop
 
 
 def serve(engine_args: EngineArgs, host: str = "127.0.0.1", port: int = 8000,
           served_model_names: tuple[str, ...] | None = None, max_waiting: int = 256, drain_timeout: float = 30.0,
-          iteration_retries: int = 1, log_level: str = "warning") -> int:
+          iteration_retries: int = 1, log_level: str = "warning", engine_process: bool = True) -> int:
     import uvicorn
 
     sock = bind_socket(host, port)
     app, loop = make_app(engine_args, served_model_names, iteration_retries=iteration_retries,
-                         max_waiting=max_waiting, drain_timeout=drain_timeout)
+                         engine_process=engine_process, max_waiting=max_waiting, drain_timeout=drain_timeout)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(1, int(drain_timeout)),
                             access_log=log_level in ("info", "debug"))
     server = uvicorn.Server(config)

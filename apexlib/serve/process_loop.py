@@ -1,0 +1,288 @@
+"""The engine loop in its own process: the HTTP process never shares a GIL with the engine.
+
+:class:`ProcessEngineLoop` has the HTTP-facing interface of :class:`~apexlib.serve.loop.EngineLoop`
+(``submit``, ``abort``, ``snapshot``, ``num_pending``, ``alive``, ``fatal_error``, ``on_finished``,
+``stop``), but the :class:`~apexlib.engine.LLMEngine` and the :class:`EngineLoop` that owns it live in a
+child process (``spawn``). Why: on a small model the engine's step is mostly Python, and so is the HTTP
+side's per-token work (detokenization, SSE chunks, uvicorn); in one process the two serialize on the GIL
+and every token a client streams slows the engine down. Apart, each has its interpreter.
+
+Protocol over one duplex pipe. Parent -> child: ``("add", request_id, prompt_token_ids, params,
+arrival_time)``, ``("abort", request_id)``, ``("stop", timeout)``. Child -> parent: ``("ready",
+engine_config)`` once the engine is built (or ``("startup_error", message)``), then ``("deltas", [(request_id,
+Delta), ...])`` once per step -- the batch the in-process loop would hand to its event loop --, ``("snapshot",
+LoopSnapshot, fatal_error, submitted)`` after each step, and ``("stopped", None)`` at the end. The child runs
+the very same :class:`EngineLoop` (faults, retries, aborts, draining), so its guarantees carry over; the
+child ignores SIGINT/SIGTERM (the HTTP process drains and then stops it) and stops when the pipe closes
+(its parent is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from apexlib.core.clock import clock
+from apexlib.core.request import SamplingParams
+from apexlib.engine.args import EngineArgs
+from apexlib.serve.loop import Delta, EngineLoop, LoopSnapshot, RequestStream, _put_all
+
+logger = logging.getLogger(__name__)
+
+
+class _PipeSender:
+    """Stands in for the asyncio event loop of the child's streams: a step's deliveries become one message."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            self.conn.send(message)
+
+    def call_soon_threadsafe(self, callback, items: list[tuple[RequestStream, Delta]]) -> None:
+        try:
+            self.send(("deltas", [(stream.request_id, delta) for stream, delta in items]))
+        except (OSError, EOFError, BrokenPipeError) as error:  # the parent is gone
+            raise RuntimeError(f"the HTTP process is gone: {error}") from None
+
+
+class _ChildLoop(EngineLoop):
+    """The in-process loop, publishing its snapshot to the parent as well."""
+
+    def __init__(self, engine, sender: _PipeSender, **kwargs: Any) -> None:
+        self.sender = sender
+        super().__init__(engine, **kwargs)
+
+    def _publish(self) -> None:
+        super()._publish()
+        try:
+            self.sender.send(("snapshot", self.snapshot, self.fatal_error, self._submitted))
+        except (OSError, EOFError, BrokenPipeError):
+            self._stopping.set()  # the parent is gone: stop stepping
+
+
+def _child_main(engine_args: EngineArgs, iteration_retries: int, conn) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from apexlib.engine.engine import LLMEngine
+
+    sender = _PipeSender(conn)
+    try:
+        engine = LLMEngine(engine_args)
+    except BaseException as error:
+        message = f"{type(error).__name__}: {error}"
+        try:  # bad input (ValueError, OSError) reaches the caller as what it is
+            sender.send(("startup_error", error if isinstance(error, (ValueError, OSError)) else message))
+        except Exception:  # an exception that does not pickle
+            sender.send(("startup_error", message))
+        return
+    loop = _ChildLoop(engine, sender, iteration_retries=iteration_retries)
+    sender.send(("ready", engine.config))
+    loop.start()
+    timeout = 10.0
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                logger.warning("the HTTP process is gone: stopping the engine")
+                break
+            kind = message[0]
+            if kind == "add":
+                _, request_id, prompt_token_ids, params, arrival_time = message
+                stream = RequestStream(request_id, sender)  # type: ignore[arg-type]
+                try:
+                    loop.submit(stream, prompt_token_ids, params, arrival_time)
+                except RuntimeError as error:
+                    sender.call_soon_threadsafe(None, [(stream, Delta((), True, "error", str(error), "failed"))])
+            elif kind == "abort":
+                loop.abort(message[1])
+            elif kind == "stop":
+                timeout = message[1]
+                break
+    finally:
+        loop.stop(timeout=timeout)
+        try:
+            engine.close()
+        finally:
+            try:
+                sender.send(("stopped", loop.fatal_error))
+            except (OSError, EOFError, BrokenPipeError):
+                pass
+
+
+@dataclass
+class EngineInfo:
+    """What the HTTP side reads of an engine that lives in another process: its config and tokenizer."""
+
+    config: Any
+    tokenizer: Any
+
+    def close(self) -> None:  # the engine is closed by its own process
+        pass
+
+
+class ProcessEngineLoop:
+    """An :class:`EngineLoop` in a child process; built (and the engine loaded) by the constructor."""
+
+    def __init__(self, engine_args: EngineArgs, iteration_retries: int = 1, startup_timeout: float = 900.0) -> None:
+        if iteration_retries < 0:
+            raise ValueError(f"iteration_retries must be >= 0, got {iteration_retries}")
+        from apexlib.engine.engine import load_tokenizer
+
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe(duplex=True)
+        self._process = context.Process(target=_child_main, args=(engine_args, iteration_retries, child_conn),
+                                        name="apex-engine")
+        self._process.start()
+        child_conn.close()
+        if not self._conn.poll(startup_timeout):
+            self._process.kill()
+            raise RuntimeError(f"the engine process did not start within {startup_timeout:.0f} s")
+        kind, payload = "snapshot", None
+        while kind == "snapshot":  # the loop publishes its first (empty) snapshot before "ready"
+            try:
+                kind, payload = self._conn.recv()[:2]
+            except EOFError:
+                self._process.join(5)
+                raise RuntimeError(f"the engine process exited with {self._process.exitcode} while starting") from None
+        if kind != "ready":
+            self._process.join(10)
+            if isinstance(payload, (ValueError, OSError)):
+                raise payload
+            raise RuntimeError(f"the engine could not start: {payload}")
+        self.engine = EngineInfo(payload, load_tokenizer(payload.model.path))
+        self.on_finished = None  # called on the reader thread for every request the engine finished
+        self.snapshot = LoopSnapshot()
+        self.fatal_error: str | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # sends, _streams, _submitted
+        self._submitted = 0
+        self._child_submitted = 0
+        self._stopping = False
+        self._reader = threading.Thread(target=self._read, name="apex-engine-reader", daemon=True)
+        self._reader.start()
+
+    # -- the interface of EngineLoop ------------------------------------------------------------------
+    def start(self) -> None:
+        """Nothing to do: the engine process steps from the moment it is built."""
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive() and self._reader.is_alive() and self.fatal_error is None
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    @property
+    def num_pending(self) -> int:
+        snap = self.snapshot
+        return (self._submitted - self._child_submitted) + snap.queued + snap.waiting
+
+    def submit(self, stream: RequestStream, prompt_token_ids: list[int], params: SamplingParams,
+               arrival_time: float | None = None) -> None:
+        if self._stopping or not self.alive:
+            raise RuntimeError("the engine loop is not running")
+        with self._lock:
+            self._streams[stream.request_id] = stream
+            self._submitted += 1
+            try:
+                self._conn.send(("add", stream.request_id, list(prompt_token_ids), params,
+                                 clock() if arrival_time is None else arrival_time))
+            except (OSError, EOFError) as error:
+                del self._streams[stream.request_id]
+                raise RuntimeError(f"the engine process is gone: {error}") from None
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if self._streams.pop(request_id, None) is None:
+                return
+            try:
+                self._conn.send(("abort", request_id))
+            except (OSError, EOFError):
+                pass
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the engine process abort what is left and exit (bounded by ``timeout``)."""
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+            if first and self._process.is_alive():
+                try:
+                    self._conn.send(("stop", timeout))
+                except (OSError, EOFError):
+                    pass
+        self._process.join(timeout + 10)
+        if self._process.is_alive():
+            logger.error("the engine process did not stop within %.1f s: killing it", timeout + 10)
+            self._process.kill()
+            self._process.join(5)
+        self._reader.join(5)
+
+    # -- the reader thread ----------------------------------------------------------------------------
+    def _read(self) -> None:
+        reason = "the engine process exited"
+        try:
+            while True:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    break
+                kind = message[0]
+                if kind == "deltas":
+                    self._dispatch(message[1])
+                elif kind == "snapshot":
+                    _, self.snapshot, fatal, self._child_submitted = message
+                    if fatal:
+                        self.fatal_error = fatal
+                elif kind == "stopped":
+                    if message[1]:
+                        self.fatal_error = message[1]
+                    reason = "the server is shutting down"
+                    break
+        finally:
+            if self.fatal_error is None and not self._stopping:
+                self.fatal_error = f"{reason} (exit code {self._process.exitcode})"
+            with self._lock:
+                streams = list(self._streams.values())
+                self._streams.clear()
+            self._hand_over([(stream, Delta((), True, "error", self.fatal_error or reason, "failed"))
+                             for stream in streams])
+
+    def _dispatch(self, deltas: list[tuple[str, Delta]]) -> None:
+        items = []
+        with self._lock:
+            for request_id, delta in deltas:
+                stream = self._streams.get(request_id)
+                if stream is None:  # aborted by its caller
+                    continue
+                if delta.finished:
+                    del self._streams[request_id]
+                items.append((stream, delta))
+        for _stream, delta in items:
+            if delta.finished and delta.source == "engine" and self.on_finished is not None:
+                try:
+                    self.on_finished(None, delta)
+                except Exception:  # metrics must never stop the reader
+                    logger.exception("on_finished hook failed")
+        self._hand_over(items)
+
+    @staticmethod
+    def _hand_over(items: list[tuple[RequestStream, Delta]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for stream, delta in items:
+            by_loop.setdefault(stream.event_loop, []).append((stream, delta))
+        for event_loop, batch in by_loop.items():
+            try:
+                event_loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that event loop is closed: its clients are gone
+                logger.warning("dropping %d output(s) for a closed event loop", len(batch))
