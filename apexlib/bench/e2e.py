@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 ENGINES = ("apexlib", "vllm", "transformers")
 MODEL_PRESET = "bench512"
+#: KV block size of both paged engines (vLLM's CPU attention takes multiples of 32 only).
+BLOCK_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ def e2e_workload(settings: E2ESettings, vocab_size: int, reserved: Sequence[int]
 def _apexlib_run(path: str, workload: Workload, settings: E2ESettings) -> tuple[float, dict[str, tuple[int, ...]]]:
     from apexlib.bench.benchmark import run_benchmark
 
-    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=2,
+    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=2, block_size=BLOCK_SIZE,
                                      max_num_seqs=settings.num_requests,
                                      max_model_len=settings.prompt_len + settings.output_len)
     result = run_benchmark(workload, bench, mode="offline", progress=False)
@@ -80,7 +82,7 @@ def _apexlib_run(path: str, workload: Workload, settings: E2ESettings) -> tuple[
 def _vllm_run(path: str, workload: Workload, settings: E2ESettings) -> tuple[float, dict[str, tuple[int, ...]]]:
     from apexlib.bench.vllm_baseline import run_vllm_benchmark
 
-    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=2,
+    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=2, block_size=BLOCK_SIZE,
                                      max_num_seqs=settings.num_requests,
                                      max_model_len=settings.prompt_len + settings.output_len)
     result = run_vllm_benchmark(workload, bench, mode="offline", python=settings.vllm_python)
@@ -112,7 +114,7 @@ def time_breakdown(path: str, workload: Workload, settings: E2ESettings) -> dict
     from apexlib.bench.benchmark import build_engine
     from apexlib.engine.drive import WallClock, drive
 
-    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=0,
+    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=0, block_size=BLOCK_SIZE,
                                      max_num_seqs=settings.num_requests, profile_subtasks=True,
                                      max_model_len=settings.prompt_len + settings.output_len)
     engine = build_engine(bench, workload)
@@ -181,7 +183,8 @@ def run_e2e(settings: E2ESettings, out_dir: str | Path | None = None, progress: 
                   "num_layers": config.num_layers, "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
                   "vocab_size": config.vocab_size},
         "settings": {"num_requests": settings.num_requests, "prompt_len": settings.prompt_len,
-                     "output_len": settings.output_len, "dtype": settings.dtype, "repeats": settings.repeats},
+                     "output_len": settings.output_len, "dtype": settings.dtype, "repeats": settings.repeats,
+                     "block_size": BLOCK_SIZE},
         "rows": rows, "skipped": skipped, "apexlib_time_shares": breakdown,
     }
     directory = Path(out_dir) if out_dir is not None else RESULTS_DIR / "e2e"
