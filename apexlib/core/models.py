@@ -2,7 +2,9 @@
 
 A model is named by a shape (``llama-2-7b``, ``llama-3.1-8b``, ``tiny-demo``), by ``shape:<name>``
 (the ``path`` such a ``ModelConfig`` carries), or by a checkpoint directory (its ``config.json``).
-Torch-free: the simulator and the cost models read it.
+``tiny-demo`` is the shape of the tiny ``demo`` checkpoint (``apexlib.model.tiny``): the engine takes the
+checkpoint by its preset name, the simulator its shape (the rows of simulated runs name it
+``shape:tiny-demo``). Torch-free: the simulator and the cost models read it.
 """
 
 from __future__ import annotations
