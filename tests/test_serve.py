@@ -303,3 +303,53 @@ def test_return_token_ids_matches_text(server):
                     ids.extend(json.loads(line[6:])["choices"][0]["token_ids"])
     assert ids == full["token_ids"] and len(ids) == 10
     assert server.engine.tokenizer.decode(ids, skip_special_tokens=True) == full["text"]
+
+
+def test_a_lagging_stream_gets_the_waiting_tokens_in_one_chunk(tiny_path):
+    """Deltas already queued for a request are merged into one event (one SSE chunk), each still passing
+    through the detokenizer and the stop strings in order; the text equals the one-by-one text."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from apexlib.serve.app import OpenAIServer, _Choice
+    from apexlib.serve.detok import IncrementalDetokenizer, StopStringMatcher
+    from apexlib.serve.loop import Delta
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_path("gqa")))
+    ids = tokenizer("Once upon a time there was a tiny model")["input_ids"][1:9]
+
+    def choice():
+        return _Choice(index=0, request_id="r", num_prompt_tokens=1, detok=IncrementalDetokenizer(tokenizer),
+                       stop=StopStringMatcher(()))
+
+    async def run(queued_at_once: bool):
+        server = OpenAIServer.__new__(OpenAIServer)  # events() needs no engine loop for these deltas
+        output: asyncio.Queue = asyncio.Queue()
+        deltas = [Delta(token_ids=(t,)) for t in ids[:-1]] + [Delta(token_ids=(ids[-1],), finished=True,
+                                                                     finish_reason="length")]
+        one = choice()
+        events = []
+        if queued_at_once:
+            for delta in deltas:
+                output.put_nowait((0, delta))
+            async for event in server.events([one], output):
+                events.append(event)
+        else:
+            async def feed():
+                for delta in deltas:
+                    await output.put((0, delta))
+                    await asyncio.sleep(0)
+            feeder = asyncio.ensure_future(feed())
+            async for event in server.events([one], output):
+                events.append(event)
+                await asyncio.sleep(0)
+            await feeder
+        return events, one
+
+    merged, merged_choice = asyncio.run(run(True))
+    single, single_choice = asyncio.run(run(False))
+    assert len(merged) == 1 and merged[0][2] == tuple(ids)
+    assert len(single) > 1
+    assert merged_choice.text == single_choice.text == "".join(text for _, text, _ in single)
+    assert merged_choice.finish_reason == single_choice.finish_reason == "length"

@@ -208,18 +208,41 @@ class OpenAIServer:
     async def events(self, choices: list[_Choice],
                      output: asyncio.Queue) -> AsyncIterator[tuple[_Choice, str, tuple[int, ...]]]:
         """(choice, new text, new token ids) as tokens arrive; a choice is done when its ``finish_reason`` is set.
-        Raises _RequestFailed when a request failed (the others are aborted by the caller)."""
+        Raises _RequestFailed when a request failed (the others are aborted by the caller).
+
+        Every delta already waiting in ``output`` is taken at once and merged per choice (each still goes
+        through detokenization and the stop strings in order): a stream that lags behind the engine sends
+        one chunk with several tokens instead of one chunk per token, as vLLM's server does, so the HTTP
+        side's per-chunk cost (JSON, the send) does not grow with the engine's speed."""
         remaining = len(choices)
         while remaining:
-            index, delta = await output.get()
-            choice = choices[index]
-            if choice.finish_reason is not None:
-                continue  # stopped by a stop string: its late tokens are not wanted
-            text = self._advance(choice, delta)
-            if choice.finish_reason is not None:
-                remaining -= 1
-            if text or delta.token_ids or choice.finish_reason is not None:
-                yield choice, text, delta.token_ids
+            batch = [await output.get()]
+            while True:
+                try:
+                    batch.append(output.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            merged: dict[int, tuple[list[str], list[int]]] = {}
+            failure = None
+            try:
+                for index, delta in batch:
+                    choice = choices[index]
+                    if choice.finish_reason is not None:
+                        continue  # stopped by a stop string: its late tokens are not wanted
+                    text = self._advance(choice, delta)
+                    if choice.finish_reason is not None:
+                        remaining -= 1
+                    texts, token_ids = merged.setdefault(index, ([], []))
+                    texts.append(text)
+                    token_ids.extend(delta.token_ids)
+            except _RequestFailed as error:
+                failure = error  # what advanced before it is still delivered, then the failure
+            for index, (texts, token_ids) in merged.items():
+                choice, text = choices[index], "".join(texts)
+                if text or token_ids or choice.finish_reason is not None:
+                    yield choice, text, tuple(token_ids)
+            if failure is not None:
+                raise failure
 
     def _advance(self, choice: _Choice, delta: Delta) -> str:
         if delta.finished and delta.finish_reason in ("error", "abort"):
