@@ -227,7 +227,7 @@ class EngineLoop:
             self.engine.add_request(stream.request_id, {"prompt_token_ids": submission.prompt_token_ids},
                                     submission.params, arrival_time=submission.arrival_time)
         except Exception as error:  # the caller's input (ValueError) or the engine's refusal
-            self._deliver([(stream, Delta((), True, "error", f"{type(error).__name__}: {error}",
+            deliver([(stream, Delta((), True, "error", f"{type(error).__name__}: {error}",
                                           "rejected" if isinstance(error, ValueError) else "failed"))])
             return
         self._streams[stream.request_id] = stream
@@ -260,7 +260,7 @@ class EngineLoop:
             else:
                 delta = Delta(tuple(new))
             deliveries.append((stream, delta))
-        self._deliver(deliveries)
+        deliver(deliveries)
 
     def _notify(self, output: RequestOutput | None, delta: Delta) -> None:
         try:
@@ -310,18 +310,7 @@ class EngineLoop:
             if kind == "add":
                 self._consumed += 1
                 streams.append(payload.stream)
-        self._deliver([(stream, Delta((), True, "error", reason, "failed")) for stream in streams])
-
-    def _deliver(self, deliveries: list[tuple[RequestStream, Delta]]) -> None:
-        """Hand the deltas to their event loops: one thread-safe call per event loop per step."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, delta in deliveries:
-            by_loop.setdefault(stream.event_loop, []).append((stream, delta))
-        for event_loop, items in by_loop.items():
-            try:
-                event_loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop is closed: its clients are gone
-                logger.warning("dropping %d output(s) for a closed event loop", len(items))
+        deliver([(stream, Delta((), True, "error", reason, "failed")) for stream in streams])
 
     def _publish(self) -> None:
         engine = self.engine
@@ -342,6 +331,19 @@ class EngineLoop:
             steps=self._steps,
             alive=self.fatal_error is None,
         )
+
+
+def deliver(deliveries: list[tuple[RequestStream, Delta]]) -> None:
+    """Hand the deltas to their event loops: one thread-safe call per event loop per step (the thread
+    loop and the engine-process loop both deliver this way)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, delta in deliveries:
+        by_loop.setdefault(stream.event_loop, []).append((stream, delta))
+    for event_loop, items in by_loop.items():
+        try:
+            event_loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # that event loop is closed: its clients are gone
+            logger.warning("dropping %d output(s) for a closed event loop", len(items))
 
 
 def _put_all(items: list[tuple[RequestStream, Delta]]) -> None:

@@ -19,7 +19,6 @@ child ignores SIGINT/SIGTERM (the HTTP process drains and then stops it) and sto
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -31,7 +30,7 @@ from typing import Any
 from apexlib.core.clock import clock
 from apexlib.core.request import SamplingParams
 from apexlib.engine.args import EngineArgs
-from apexlib.serve.loop import Delta, EngineLoop, LoopSnapshot, RequestStream, _put_all
+from apexlib.serve.loop import Delta, EngineLoop, LoopSnapshot, RequestStream, deliver
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +254,7 @@ class ProcessEngineLoop:
             with self._lock:
                 streams = list(self._streams.values())
                 self._streams.clear()
-            self._hand_over([(stream, Delta((), True, "error", self.fatal_error or reason, "failed"))
+            deliver([(stream, Delta((), True, "error", self.fatal_error or reason, "failed"))
                              for stream in streams])
 
     def _dispatch(self, deltas: list[tuple[str, Delta]]) -> None:
@@ -274,15 +273,5 @@ class ProcessEngineLoop:
                     self.on_finished(None, delta)
                 except Exception:  # metrics must never stop the reader
                     logger.exception("on_finished hook failed")
-        self._hand_over(items)
+        deliver(items)
 
-    @staticmethod
-    def _hand_over(items: list[tuple[RequestStream, Delta]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for stream, delta in items:
-            by_loop.setdefault(stream.event_loop, []).append((stream, delta))
-        for event_loop, batch in by_loop.items():
-            try:
-                event_loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # that event loop is closed: its clients are gone
-                logger.warning("dropping %d output(s) for a closed event loop", len(batch))
