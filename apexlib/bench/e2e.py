@@ -69,12 +69,18 @@ def e2e_workload(settings: E2ESettings, vocab_size: int, reserved: Sequence[int]
     return prepare_workload(workload, vocab_size, reserved, settings.seed)
 
 
+def _bench_settings(path: str, settings: E2ESettings, **overrides: Any) -> BenchmarkSettings:
+    """The one run configuration of every paged engine here: all requests at once, the same block size."""
+    return BenchmarkSettings.create(**{
+        "model": path, "device": "cpu", "dtype": settings.dtype, "warmup_requests": 2, "block_size": BLOCK_SIZE,
+        "max_num_seqs": settings.num_requests, "max_model_len": settings.prompt_len + settings.output_len,
+        **overrides})
+
+
 def _apexlib_run(path: str, workload: Workload, settings: E2ESettings) -> tuple[float, dict[str, tuple[int, ...]]]:
     from apexlib.bench.benchmark import run_benchmark
 
-    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=2, block_size=BLOCK_SIZE,
-                                     max_num_seqs=settings.num_requests,
-                                     max_model_len=settings.prompt_len + settings.output_len)
+    bench = _bench_settings(path, settings)
     result = run_benchmark(workload, bench, mode="offline", progress=False)
     return result.summary.output_throughput, result.output_token_ids
 
@@ -82,9 +88,7 @@ def _apexlib_run(path: str, workload: Workload, settings: E2ESettings) -> tuple[
 def _vllm_run(path: str, workload: Workload, settings: E2ESettings) -> tuple[float, dict[str, tuple[int, ...]]]:
     from apexlib.bench.vllm_baseline import run_vllm_benchmark
 
-    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=2, block_size=BLOCK_SIZE,
-                                     max_num_seqs=settings.num_requests,
-                                     max_model_len=settings.prompt_len + settings.output_len)
+    bench = _bench_settings(path, settings)
     result = run_vllm_benchmark(workload, bench, mode="offline", python=settings.vllm_python)
     return result.summary.output_throughput, result.output_token_ids
 
@@ -114,9 +118,7 @@ def time_breakdown(path: str, workload: Workload, settings: E2ESettings) -> dict
     from apexlib.bench.benchmark import build_engine
     from apexlib.engine.drive import WallClock, drive
 
-    bench = BenchmarkSettings.create(model=path, device="cpu", dtype=settings.dtype, warmup_requests=0, block_size=BLOCK_SIZE,
-                                     max_num_seqs=settings.num_requests, profile_subtasks=True,
-                                     max_model_len=settings.prompt_len + settings.output_len)
+    bench = _bench_settings(path, settings, warmup_requests=0, profile_subtasks=True)
     engine = build_engine(bench, workload)
     try:
         with engine.recording_steps() as steps:
