@@ -9,6 +9,34 @@ from apexlib.core.plan import Tier
 from apexlib.engine.args import EngineArgs
 from apexlib.serve.server import bind_socket, make_app
 
+ATTENTION_OK, ATTENTION_FAIL_ONCE, ATTENTION_BROKEN = 0, 1, 2
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def install_attention_fault(state) -> None:
+    """Wrap the CPU-attention kernel where the engine runs (an engine initializer, so a module-level function):
+    ``state.value`` (a shared int) switches it between healthy, one transient fault and broken."""
+    from apexlib.attention import cpu as cpu_attention
+
+    original = cpu_attention.paged_decode_attention
+
+    def maybe_failing(*args, **kwargs):
+        with state.get_lock():
+            mode = state.value
+            if mode == ATTENTION_FAIL_ONCE:
+                state.value = ATTENTION_OK
+        if mode == ATTENTION_BROKEN:
+            raise InjectedFault("injected fault in paged_decode_attention")
+        if mode == ATTENTION_FAIL_ONCE:
+            raise InjectedFault("injected transient fault")
+        return original(*args, **kwargs)
+
+    cpu_attention.paged_decode_attention = maybe_failing
+
+
 ENGINE = dict(dtype="float32", device="cpu", block_size=8, max_model_len=256, num_gpu_blocks=96)
 
 

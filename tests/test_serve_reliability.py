@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -17,51 +18,51 @@ import time
 
 import httpx
 import pytest
-from serve_utils import LiveServer
+from serve_utils import (
+    ATTENTION_BROKEN,
+    ATTENTION_FAIL_ONCE,
+    ATTENTION_OK,
+    LiveServer,
+    install_attention_fault,
+)
 
 from apexlib.attention import cpu as cpu_attention
 
 pytestmark = pytest.mark.timeout(600)
 
 
-class InjectedFault(RuntimeError):
-    pass
-
-
-def test_cpu_worker_fault_fails_touched_requests_with_500_and_server_keeps_serving(tiny_path, monkeypatch):
-    live = LiveServer(tiny_path("gqa"), policy="hybrid", policy_options={"cpu_placement": "cpu"}, num_cpu_blocks=96)
-    broken = threading.Event()
-    once = threading.Event()
-    original = cpu_attention.paged_decode_attention
-
-    def faulty(*args, **kwargs):
-        if broken.is_set():
-            raise InjectedFault("injected fault in paged_decode_attention")
-        if once.is_set():
-            once.clear()
-            raise InjectedFault("injected transient fault")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_attention, "paged_decode_attention", faulty)
+@pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+def test_cpu_worker_fault_fails_touched_requests_with_500_and_server_keeps_serving(tiny_path, monkeypatch,
+                                                                                  engine_process):
+    # The fault is installed where the engine runs (the child process, or here) and switched from the test
+    # through a shared integer: healthy, one transient fault, or broken until switched back.
+    monkeypatch.setattr(cpu_attention, "paged_decode_attention", cpu_attention.paged_decode_attention)  # restored
+    fault = multiprocessing.get_context("spawn").Value("i", ATTENTION_OK)
+    live = LiveServer(tiny_path("gqa"), policy="hybrid", policy_options={"cpu_placement": "cpu"}, num_cpu_blocks=96,
+                      engine_process=engine_process,
+                      serve={"engine_initializer": install_attention_fault, "engine_initargs": (fault,)})
     step_threads = set()
-    engine_step = live.engine.step
+    if not engine_process:
+        engine_step = live.engine.step
 
-    def recording_step():
-        step_threads.add(threading.get_ident())
-        return engine_step()
+        def recording_step():
+            step_threads.add(threading.get_ident())
+            return engine_step()
 
-    monkeypatch.setattr(live.engine, "step", recording_step)
+        monkeypatch.setattr(live.engine, "step", recording_step)
     body = {"prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True}
     try:
         with httpx.Client(base_url=live.url, timeout=60) as http:
             healthy = http.post("/v1/completions", json=body)
             assert healthy.status_code == 200 and healthy.json()["usage"]["completion_tokens"] == 12
-            assert live.engine.stats.cpu_decode_tokens >= 11  # it did decode on the CPU worker
-            once.set()  # a transient fault costs one retried iteration, not the request
+            live.wait_idle()
+            assert live.loop.snapshot.engine_stats["cpu_decode_tokens"] >= 11  # it did decode on the CPU worker
+            fault.value = ATTENTION_FAIL_ONCE  # a transient fault costs one retried iteration, not the request
             retried = http.post("/v1/completions", json=body)
             assert retried.status_code == 200 and retried.json()["usage"]["completion_tokens"] == 12
-            assert not once.is_set() and live.loop.snapshot.iteration_errors == 1
-            broken.set()
+            live.wait_idle()
+            assert fault.value == ATTENTION_OK and live.loop.snapshot.iteration_errors == 1
+            fault.value = ATTENTION_BROKEN
             failed = http.post("/v1/completions", json=body)
             assert failed.status_code == 500
             error = failed.json()["error"]
@@ -71,12 +72,13 @@ def test_cpu_worker_fault_fails_touched_requests_with_500_and_server_keeps_servi
             assert events[-1] == "data: [DONE]"
             assert "CPU-attention worker" in json.loads(events[-2][len("data: "):])["error"]["message"]
             live.wait_idle()  # the failed requests' blocks are back
-            broken.clear()
+            fault.value = ATTENTION_OK
             after = http.post("/v1/completions", json=body)
             assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 12
             assert http.get("/health").status_code == 200
             metrics = http.get("/metrics").text
-        assert step_threads == {live.loop._thread.ident}  # only the loop thread ever stepped the engine
+        if not engine_process:
+            assert step_threads == {live.loop._thread.ident}  # only the loop thread ever stepped the engine
         assert re.search(r"^apex_request_errors_total [1-9]", metrics, re.M)
         assert re.search(r"^apex_iteration_errors_total [1-9]", metrics, re.M)
         live.wait_idle()

@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,13 +69,16 @@ class _ChildLoop(EngineLoop):
             self._stopping.set()  # the parent is gone: stop stepping
 
 
-def _child_main(engine_args: EngineArgs, iteration_retries: int, conn) -> None:
+def _child_main(engine_args: EngineArgs, iteration_retries: int, conn,
+                initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the HTTP process decides when to stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from apexlib.engine.engine import LLMEngine
 
     sender = _PipeSender(conn)
     try:
+        if initializer is not None:
+            initializer(*initargs)
         engine = LLMEngine(engine_args)
     except BaseException as error:
         message = f"{type(error).__name__}: {error}"
@@ -130,16 +134,23 @@ class EngineInfo:
 
 
 class ProcessEngineLoop:
-    """An :class:`EngineLoop` in a child process; built (and the engine loaded) by the constructor."""
+    """An :class:`EngineLoop` in a child process; built (and the engine loaded) by the constructor.
 
-    def __init__(self, engine_args: EngineArgs, iteration_retries: int = 1, startup_timeout: float = 900.0) -> None:
+    ``initializer(*initargs)``, when given, runs in the child before the engine is built, as
+    :class:`multiprocessing.pool.Pool`'s does (e.g. a logging set-up, or a fault injected by a test); it must
+    be importable by name (a module-level function) and its arguments picklable.
+    """
+
+    def __init__(self, engine_args: EngineArgs, iteration_retries: int = 1, startup_timeout: float = 900.0,
+                 initializer: Callable[..., None] | None = None, initargs: tuple = ()) -> None:
         if iteration_retries < 0:
             raise ValueError(f"iteration_retries must be >= 0, got {iteration_retries}")
         from apexlib.engine.engine import load_tokenizer
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe(duplex=True)
-        self._process = context.Process(target=_child_main, args=(engine_args, iteration_retries, child_conn),
+        self._process = context.Process(target=_child_main, args=(engine_args, iteration_retries, child_conn,
+                                                                    initializer, tuple(initargs)),
                                         name="apex-engine")
         self._process.start()
         child_conn.close()

@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from apexlib.engine.args import EngineArgs
@@ -32,20 +33,25 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def make_app(engine_args: EngineArgs, served_model_names: tuple[str, ...] | None = None,
-             iteration_retries: int = 1, engine_process: bool = False, **settings: Any):
+             iteration_retries: int = 1, engine_process: bool = False,
+             engine_initializer: Callable[..., None] | None = None, engine_initargs: tuple = (), **settings: Any):
     """(app, loop) for ``engine_args``: the engine is built here (it loads the weights), in a thread of this
-    process (``engine_process=False``) or in a process of its own (:mod:`apexlib.serve.process_loop`)."""
+    process (``engine_process=False``) or in a process of its own (:mod:`apexlib.serve.process_loop`).
+    ``engine_initializer(*engine_initargs)`` runs where the engine will run, just before it is built."""
     from apexlib.serve.app import ServeSettings, build_app
 
     serve_settings = ServeSettings(served_model_names=tuple(served_model_names or (engine_args.model,)), **settings)
     if engine_process:
         from apexlib.serve.process_loop import ProcessEngineLoop
 
-        loop = ProcessEngineLoop(engine_args, iteration_retries=iteration_retries)
+        loop = ProcessEngineLoop(engine_args, iteration_retries=iteration_retries, initializer=engine_initializer,
+                                 initargs=engine_initargs)
     else:
         from apexlib.engine.engine import LLMEngine
         from apexlib.serve.loop import EngineLoop
 
+        if engine_initializer is not None:
+            engine_initializer(*engine_initargs)
         loop = EngineLoop(LLMEngine(engine_args), iteration_retries=iteration_retries)
     return build_app(loop, serve_settings), loop
 
