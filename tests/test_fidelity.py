@@ -2,9 +2,11 @@
 profile of this machine measured in the same test, throughput and mean TPOT within 10%.
 
 This is a measurement, on whatever machine runs the tests: other processes on the cores slow the
-engine but not the simulator, and a VM's speed drifts by 5-10% over minutes. So the comparison is made
-up to three times (the third with a profile measured again) and passes when one attempt has every
-error within the tolerance; the failure message lists every attempt with the load average.
+engine but not the simulator, and a VM's speed moves by 10-20% from one minute to the next. So each
+attempt compares the simulator with the median of three engine runs per policy (the policies
+alternating), and the comparison is made up to twice (the second with a profile measured again); it
+passes when one attempt has every error within the tolerance; the failure message lists every attempt
+with its runs and the load average.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from apexlib.workloads import get_preset
 
 TOLERANCE = 0.10  # relative error of output throughput and mean TPOT, per policy
 POLICIES = ("gpu_only", "neo", "apex")
-ATTEMPTS = 3
+ATTEMPTS = 2
+REPEATS = 3  # engine runs per policy and attempt (their median is compared)
 
 
 def measure_profile(directory):
@@ -42,8 +45,9 @@ def test_simulator_matches_the_engine_within_tolerance(demo_profile, tmp_path):
     for attempt in range(ATTEMPTS):
         if attempt == ATTEMPTS - 1:
             profile = measure_profile(tmp_path)  # the machine may have drifted since the first profile
-        table = fidelity(workload, settings, profile, policies=list(POLICIES))
-        errors = table.set_index("policy")[["error_output_throughput", "error_tpot_mean_s", "load_average_1min"]]
+        table = fidelity(workload, settings, profile, policies=list(POLICIES), repeats=REPEATS)
+        errors = table.set_index("policy")[["error_output_throughput", "error_tpot_mean_s",
+                                            "engine_output_throughput_runs", "load_average_1min"]]
         attempts.append(errors)
         # the simulator and the engine took the same decisions: the comparison is of time alone
         assert (table["engine_iterations"] == table["sim_iterations"]).all(), table

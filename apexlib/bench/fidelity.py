@@ -46,7 +46,8 @@ def compare_iterations(measured: BenchmarkResult, simulated: SimulationResult):
 
 def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model: CostModel | str | Path, *,
              policies: Sequence[str] | None = None, mode: str = "offline", progress: bool = False,
-             scheduler_overhead: float | str = "measured", results: list[BenchmarkResult] | None = None):
+             scheduler_overhead: float | str = "measured", results: list[BenchmarkResult] | None = None,
+             repeats: int = 1):
     """Run ``workload`` through the real engine (``run_benchmark``) and the simulator, per policy.
 
     ``engine_settings``: the engine's ``BenchmarkSettings`` (e.g. device="cpu", the tiny demo model);
@@ -59,32 +60,54 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model:
     ``scheduler_overhead`` goes to :func:`simulate` (default ``"measured"``: the engine pays for its
     scheduler, which a profile does not time). Needs torch (the real engine).
 
+    ``repeats`` > 1 runs the engine that many times per policy, the policies in alternating order from one
+    round to the next, and compares the simulator with the median of the runs (each measured figure is the
+    median of its runs; ``engine_output_throughput_runs`` lists them): a VM's speed moves by 10-20% from
+    one minute to the next, which a single run would count as simulator error. The simulator, which is
+    deterministic, runs once per policy.
+
     With device=cpu every engine gets at least one CPU-tier block: a profile is measured on the hybrid
     engine, whose CPU-attention worker takes a core from torch, and a gpu_only engine without a CPU tier
     would give torch every core (a different machine from the profile's point of view).
     """
+    import statistics
+
     import pandas as pd
 
     from apexlib.bench.benchmark import build_engine, run_benchmark
     from apexlib.model.tiny import resolve_checkpoint
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not isinstance(cost_model, CostModel):
         cost_model = TableCostModel.from_file(str(cost_model))
     base = engine_settings.replace_engine(model=resolve_checkpoint(engine_settings.engine.model),
                                           cost_model=cost_model)
-    rows = []
-    for policy in policies or (base.policy,):
+    names = list(policies or (base.policy,))
+
+    def policy_settings(policy: str) -> BenchmarkSettings:
         settings = base.replace_engine(policy=policy)
         engine_args = settings.engine
         if engine_args.device == "cpu" and not engine_args.num_cpu_blocks and engine_args.cpu_kv_gib is None:
             settings = settings.replace_engine(num_cpu_blocks=1 if policy == "gpu_only" else None)
-        engine = build_engine(settings, workload)
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
-        try:
-            measured = run_benchmark(workload, settings, mode=mode, progress=progress, engine=engine)
-        finally:
-            engine.close()
-        config = engine.config
+        return settings
+
+    runs: dict[str, list[tuple[BenchmarkResult, Any, float, float]]] = {policy: [] for policy in names}
+    for round_index in range(repeats):
+        for policy in (names if round_index % 2 == 0 else names[::-1]):
+            settings = policy_settings(policy)
+            engine = build_engine(settings, workload)
+            load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+            try:
+                measured = run_benchmark(workload, settings, mode=mode, progress=progress, engine=engine)
+            finally:
+                engine.close()
+            load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+            runs[policy].append((measured, engine.config, load_before, load_after))
+    rows = []
+    for policy in names:
+        settings = policy_settings(policy)
+        config = runs[policy][0][1]
         # the simulator gets the engine's resolved budgets and limits, not a copy of its arguments
         simulated = simulate(workload, settings.replace_engine(
             device=config.device, dtype=config.dtype, block_size=config.cache.block_size,
@@ -93,17 +116,23 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model:
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
             max_model_len=config.scheduler.max_model_len),
             cost_model=cost_model, mode=mode, scheduler_overhead=scheduler_overhead)
+        summaries = [run[0].summary_row() for run in runs[policy]]
+        # the run whose throughput is the median one stands for the engine in the per-iteration comparison
+        order = sorted(range(len(summaries)), key=lambda i: summaries[i]["output_throughput"])
+        measured = runs[policy][order[len(order) // 2]][0]
         if results is not None:
             results.extend([measured, simulated])
-        real, sim = measured.summary_row(), simulated.summary_row()
+        sim = simulated.summary_row()
         row: dict[str, Any] = {"policy": policy, "workload": workload.name, "num_requests": len(workload),
-                               "num_gpu_blocks": config.cache.num_gpu_blocks, "cost_model": cost_model.source}
+                               "num_gpu_blocks": config.cache.num_gpu_blocks, "cost_model": cost_model.source,
+                               "engine_runs": len(summaries)}
         for key in ("output_throughput", "tpot_mean_s", "tpot_median_s", "ttft_mean_s", "duration_s"):
-            row[f"engine_{key}"] = real[key]
+            row[f"engine_{key}"] = statistics.median(summary[key] for summary in summaries)
             row[f"sim_{key}"] = sim[key]
-            row[f"error_{key}"] = _relative_error(sim[key], real[key])
+            row[f"error_{key}"] = _relative_error(sim[key], row[f"engine_{key}"])
+        row["engine_output_throughput_runs"] = json.dumps([round(s["output_throughput"], 3) for s in summaries])
         # other processes on the cores slow the engine, not the simulator: keep the load next to the errors
-        row["load_average_1min"] = (load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan)
+        row["load_average_1min"] = (min(run[2] for run in runs[policy]), max(run[3] for run in runs[policy]))
         row["engine_iterations"] = measured.provenance["engine_iterations"]
         row["sim_iterations"] = simulated.provenance["engine_iterations"]
         row["engine_preemptions"] = measured.provenance["engine_preemptions"]
