@@ -58,8 +58,8 @@ from apexlib.engine.settings import BenchmarkSettings
 from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
 from apexlib.workloads import get_preset
 
-if quick:
-    num_requests, repeats = 8, 1
+if quick:  # the smoke test: notebook 01's quick profile, measured minutes before, and one run per policy
+    num_requests, repeats, fresh_profile = 8, 1, False
 path = results_dir / "fidelity.csv"
 if run_experiments:
     profile_path = plots.current_profile(quick)
