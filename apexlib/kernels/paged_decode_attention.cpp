@@ -137,7 +137,6 @@ struct V {
 constexpr int MAXGT = 4;
 constexpr int ACC = 8;
 #include "paged_decode_attention_body.h"
-#include "paged_decode_attention_d128.h"
 }  // namespace avx2_isa
 APEX_TARGET_END
 
@@ -348,9 +347,7 @@ void paged_decode_attention(const PagedAttentionArgs& a, Isa isa, int num_thread
           avx512_isa::attend(a, it.seq, it.b0, it.b1, qs, acc, m, l, sc, pf, g_prefetch_hint, g_prefetch_stride);
           break;
         case Isa::Avx2:
-          if (!avx2_isa::attend_d128(a, it.seq, it.b0, it.b1, qs, acc, m, l, sc, pf, g_prefetch_hint,
-                                     g_prefetch_stride))
-            avx2_isa::attend(a, it.seq, it.b0, it.b1, qs, acc, m, l, sc, pf, g_prefetch_hint, g_prefetch_stride);
+          avx2_isa::attend(a, it.seq, it.b0, it.b1, qs, acc, m, l, sc, pf, g_prefetch_hint, g_prefetch_stride);
           break;
         default:
           scalar_isa::attend(a, it.seq, it.b0, it.b1, qs, acc, m, l, sc, pf, g_prefetch_hint, g_prefetch_stride);
