@@ -182,7 +182,8 @@
 // What bounds GQA-4 (same binary, K/V in the 32 MiB LLC, batch 8 x 256 tokens, one KV set): the kernel
 // processes 8.2-10.1 GB/s on 1 thread and 14.5-15.9 on 2 (fp16), the stream 17-21 and 36-38: the body
 // spends 2-2.5x the stream's core time per byte (kernel / stream in LLC 0.40-0.50 for GQA-4, 0.39-0.56
-// for MHA). From DRAM (19-21 GB/s) the stream is memory-bound (15-17 GB/s) while this body reaches only
+// for MHA; the fixed cost of a call, 57-75 us against the stream's 18-24 with batch 8 x 1 token, is
+// 10-15 % of these 0.5-1.5 ms calls and does not explain the gap). From DRAM (19-21 GB/s) the stream is memory-bound (15-17 GB/s) while this body reaches only
 // 10-11 for GQA-4, i.e. its compute (~0.063 s/GB) and the memory time (~0.05 s/GB) mostly add up instead
 // of overlapping. MHA has a quarter of GQA-4's FMAs per byte, so the same inefficiency hides under DRAM
 // (0.86-0.97 in the same probe). 0.9 of the stream for 16-bit GQA-4 on 2 Zen 3 cores therefore needs the
