@@ -4,7 +4,8 @@
 //              head: register r of a group uses query register r % QN); zero(); fma(a, b, c);
 //              load_f32/load_f16/load_bf16(const char*, reg* out) (one 16-element group -> NR regs);
 //              query(g, qi) (query register qi of head g, from query_value in arith_stream.cpp);
-//              store(float*, reg) };
+//              store(float*, reg); LU (64-byte lines per unrolled step of the hot loop: 4 for the
+//              vector paths, 1 for scalar, whose 16 FMAs per group and head are already unrolled) };
 //   constexpr int kChains: independent accumulator chains to aim for (U = kChains / G per query head).
 // and in apex:: (arith_stream.cpp, before the ISA namespaces): StreamItem, kMaxGenericGroup.
 
@@ -107,8 +108,13 @@ double stream_item(const StreamItem& it, int gr, int64_t dist) {
 #pragma GCC unroll 16
     for (int r = 0; r < V::NR; ++r) {
       const int u = (chain + r) % U;
+      if constexpr (G > 0) {
 #pragma GCC unroll 16
-      for (int g = 0; g < (G > 0 ? G : ng); ++g) acc[g][u] = V::fma(x[r], q[g][r % V::QN], acc[g][u]);
+        for (int g = 0; g < G; ++g) acc[g][u] = V::fma(x[r], q[g][r % V::QN], acc[g][u]);
+      } else {
+#pragma GCC unroll 1
+        for (int g = 0; g < ng; ++g) acc[g][u] = V::fma(x[r], q[g][r % V::QN], acc[g][u]);
+      }
     }
   };
 
@@ -127,16 +133,16 @@ double stream_item(const StreamItem& it, int gr, int64_t dist) {
       const int64_t pl = pf.lines_left();
       if (pl < n) n = pl;
       int64_t i = 0;
-      for (; i + 4 <= n; i += 4) {  // 4 lines: per line, prefetch one line ahead and consume one
+      for (; i + V::LU <= n; i += V::LU) {  // LU lines: per line, prefetch one line ahead and consume one
 #pragma GCC unroll 4
-        for (int l = 0; l < 4; ++l) {
+        for (int l = 0; l < V::LU; ++l) {
           ARITH_PREFETCH_T1(pp);
           pp += pstep;
 #pragma GCC unroll 4
           for (int k = 0; k < kGroupsPerLine; ++k)
             consume(p + l * 64 + k * kGroupBytes, (l * kGroupsPerLine + k) * V::NR);
         }
-        p += 256;
+        p += 64 * V::LU;
       }
       for (; i < n; ++i) {
         ARITH_PREFETCH_T1(pp);
@@ -185,16 +191,8 @@ double run_dt(const StreamItem& it, int gr, int64_t dist) {
       return stream_item<DT, 1>(it, gr, dist);
     case 2:
       return stream_item<DT, 2>(it, gr, dist);
-    case 3:
-      return stream_item<DT, 3>(it, gr, dist);
     case 4:
       return stream_item<DT, 4>(it, gr, dist);
-    case 5:
-      return stream_item<DT, 5>(it, gr, dist);
-    case 6:
-      return stream_item<DT, 6>(it, gr, dist);
-    case 7:
-      return stream_item<DT, 7>(it, gr, dist);
     case 8:
       return stream_item<DT, 8>(it, gr, dist);
     default:

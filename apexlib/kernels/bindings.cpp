@@ -4,7 +4,13 @@
 // worker thread can run attention while the main Python thread keeps going. The Python wrappers
 // in apexlib/attention/cpu.py check shapes and dtypes; the checks here are the cheap ones that
 // keep the kernels memory-safe; block ids and context lengths are checked in C++ (ValueError).
-#include <torch/extension.h>
+//
+// Only the torch headers this file uses (the tensor class, at::empty, torch's pybind11 type casters),
+// not <torch/extension.h>: that one pulls in the whole C++ frontend (torch/all.h: nn, optim, data,
+// autograd API) and made this file ~60 s of a cold build on 2 cores; these take ~25 s.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include "cpu_common.h"
 

@@ -3,7 +3,7 @@
 // The kernel translation units (paged_decode_attention.cpp, store_kv.cpp, read_bandwidth.cpp,
 // arith_stream.cpp, cpu_runtime.cpp) are plain C++17 + OpenMP and do not include any torch header: they take raw
 // pointers and sizes, so they compile in about a second each. Only bindings.cpp includes
-// <torch/extension.h>; it validates tensors and calls into the functions declared here.
+// torch headers; it validates tensors and calls into the functions declared here.
 //
 // ISA-specific code is compiled inside `#pragma GCC target` regions (APEX_TARGET_BEGIN/END), never
 // with -march flags, and is selected at run time from CPUID, so one build runs on AVX2-only

@@ -156,6 +156,41 @@
 // not resolved here. Next: the issue-bound V loop (fewer instructions per FMA than ~3) and the score
 // reduction per K row, measured on quiet cores.
 
+// 2026-11-29 (evening), same 2-core EPYC; another session's serve benchmarks shared the cores for most of
+// it (load 1.2-3.2 on 2 cores), so again only same-run ratios count. Tried, not kept: an AVX2 path
+// specialised at compile time for head_dim 128, G = 1 / 4 and 16-bit K/V (commit 712f9a4, reverted),
+// picked at run time when the shape matched: constant trip counts; the 8 scores of 8 / G KV heads reduced
+// by one reduce_w straight into the score row (no pending queue); V tiles of 4 heads x 16 columns / 1 head
+// x 64 columns, two tokens per iteration with pointer bumps; the next step's K prefetched as one
+// contiguous chunk per V tile pass, a fixed number of lines per token pair (the V inner loop compiled to
+// 16 FMAs, 8 broadcasts, 4 widening loads and ~12 other instructions per token pair, no spills).
+// Alternating processes against this body, two rounds each: in cache (1 thread, best of 1500 calls)
+// GQA-4 fp16 8.1/6.0 vs 7.7/8.0 GB/s, bf16 8.5/8.5 vs 7.7/7.9, MHA fp16 8.5/12.2 vs 10.9/11.2, bf16
+// 11.8/11.8 vs 10.6/11.2; from DRAM (2 threads, median of 9; GQA-4 batch 8 ctx 4k, batch 32 ctx 1k,
+// batch 1 ctx 8k; MHA batch 8 ctx 1k; DRAM read 15.6-19.5 GB/s) GQA-4 7.7-10.7 vs 7.2-11.1 GB/s, MHA
+// 12.1-14.0 vs 11.3-15.9. No difference outside the noise: the loop bookkeeping is not what holds this
+// body back. Its benchmark run (2026-11-29-epyc-avx2-2c-bs16-d128-variant-{targets,long}.json): kernel /
+// stream GQA-4 0.52-0.66, MHA 0.71-0.91, vLLM 0.32's op 1.7-3.4x slower. Also tried there, slower: the K
+// pass over two token rows at once (each query vector loaded once for both rows; 2 rows x 4 heads of
+// accumulators, one reduce_w split over the two score rows): in cache GQA-4 fp16 8.4/5.8 vs 8.8/8.1 GB/s,
+// bf16 5.7/5.7 vs 8.5/8.4.
+// Where this body stands (2026-11-29-epyc-avx2-2c-bs16-final-{targets,long}.json, 2 threads, vLLM in the
+// same run): target rows kernel / stream MHA 0.80-0.95 (2 of 8 rows >= 0.9), GQA-4 0.57-0.80 (none);
+// ratio_to_vllm 1.60-3.58 on all 16 rows; batch 1 at 8k: MHA 0.87-0.89, GQA-4 0.61-0.65. On quieter cores
+// batch 1 GQA-4 is no longer behind batch 8: same run, GQA-4 b1 8k 0.61-0.65 against b8 1k-4k 0.57-0.80,
+// both cut into 1024-4096-token items, so the old gap was shared-core noise; what remains is GQA-4's.
+// What bounds GQA-4 (same binary, K/V in the 32 MiB LLC, batch 8 x 256 tokens, one KV set): the kernel
+// processes 8.2-10.1 GB/s on 1 thread and 14.5-15.9 on 2 (fp16), the stream 17-21 and 36-38: the body
+// spends 2-2.5x the stream's core time per byte (kernel / stream in LLC 0.40-0.50 for GQA-4, 0.39-0.56
+// for MHA; the fixed cost of a call, 57-75 us against the stream's 18-24 with batch 8 x 1 token, is
+// 10-15 % of these 0.5-1.5 ms calls and does not explain the gap). From DRAM (19-21 GB/s) the stream is memory-bound (15-17 GB/s) while this body reaches only
+// 10-11 for GQA-4, i.e. its compute (~0.063 s/GB) and the memory time (~0.05 s/GB) mostly add up instead
+// of overlapping. MHA has a quarter of GQA-4's FMAs per byte, so the same inefficiency hides under DRAM
+// (0.86-0.97 in the same probe). 0.9 of the stream for 16-bit GQA-4 on 2 Zen 3 cores therefore needs the
+// body's in-cache compute per byte roughly halved (towards the stream's 4 FMAs + 1 widening per 8
+// elements, with nothing else per element) or real overlap of the passes with DRAM; tiling, bookkeeping,
+// broadcast count and prefetch placement have each been tried above without moving it.
+
 static inline int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // Prefetch instructions as volatile asm: GCC deletes loops whose only effect is __builtin_prefetch
