@@ -53,7 +53,7 @@ results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 # %%
 import statistics
 
-from apexlib.bench.fidelity import fidelity
+from apexlib.bench.fidelity import fidelity, machine_drift
 from apexlib.engine.settings import BenchmarkSettings
 from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
 from apexlib.workloads import get_preset
@@ -78,6 +78,14 @@ if run_experiments:
                                         num_cpu_blocks=2048, warmup_requests=2)
     table = fidelity(workload, settings, profile_path, policies=policies, repeats=repeats)
     table.assign(profile=str(profile_path)).to_csv(path, index=False)
+    # how steady this machine was right after the runs (a fixed single-thread load, in the LLC and in L2)
+    drift = machine_drift(seconds=1.0 if quick else 20.0)
+    (results_dir / "machine_drift.json").write_text(json.dumps(drift, indent=1) + "\n")
+drift_path = results_dir / "machine_drift.json"
+if drift_path.exists():
+    for form, numbers in json.loads(drift_path.read_text()).items():
+        print(f"machine drift ({form}): {numbers['min_us']:.1f}-{numbers['max_us']:.1f} us per op, "
+              f"median {numbers['median_us']:.1f}, spread x{numbers['spread']:.2f}")
 table = pd.read_csv(path)
 display(table[["policy", "engine_output_throughput", "sim_output_throughput", "error_output_throughput",
                "engine_tpot_mean_s", "sim_tpot_mean_s", "error_tpot_mean_s", "iteration_error_median",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from apexlib.bench.fidelity import fidelity
+from apexlib.bench.fidelity import fidelity, machine_drift
 from apexlib.costs import TableCostModel
 from apexlib.engine.settings import BenchmarkSettings
 from apexlib.profiling.profiler import ProfileSettings, profile_model
@@ -56,4 +56,16 @@ def test_simulator_matches_the_engine_within_tolerance(demo_profile):
         if worst <= TOLERANCE:
             return
     report = "\n".join(f"attempt {i + 1}:\n{frame.to_string()}" for i, frame in enumerate(attempts))
-    pytest.fail(f"simulator vs engine beyond {TOLERANCE:.0%} in every attempt:\n{report}")
+    drift = machine_drift(seconds=10.0)
+    steadiness = "; ".join(f"{name}: {d['min_us']:.1f}-{d['max_us']:.1f} us per op (x{d['spread']:.2f})"
+                           for name, d in drift.items())
+    pytest.fail(f"simulator vs engine beyond {TOLERANCE:.0%} in every attempt:\n{report}\nthis machine's speed "
+                f"right after (machine_drift, 10 s, a fixed single-thread load): {steadiness}")
+
+
+def test_machine_drift_times_both_forms():
+    drift = machine_drift(seconds=0.0, interval=0.0)  # one sample of each form
+    assert set(drift) == {"llc", "core"}
+    for form in drift.values():
+        assert len(form["op_us"]) == 1 and 0 < form["min_us"] <= form["median_us"] <= form["max_us"]
+        assert form["spread"] >= 1.0

@@ -44,6 +44,50 @@ def compare_iterations(measured: BenchmarkResult, simulated: SimulationResult):
     return trace
 
 
+def machine_drift(seconds: float = 10.0, interval: float = 0.5) -> dict[str, Any]:
+    """How steady this machine's speed is, and where it moves: a fixed single-thread load timed every
+    ``interval`` seconds for ``seconds`` (median of 30 passes per sample), in two forms:
+
+    - ``llc``: 28 float32 linears of 256 x 256 on 4 rows with 28 different weights (7 MiB: out of the core's
+      L2, in the last-level cache), the demo model's layer shapes and working set;
+    - ``core``: the same 28 linears with one weight (256 KiB, in L2): the core alone.
+
+    Returns per form the per-op microseconds of each sample and their min, median, max and max/min
+    ``spread``. On a steady machine both spreads are a few percent. When ``llc`` swings and ``core`` does
+    not, the speed moves with the shared last-level cache or memory (other tenants of the host), which no
+    profile measured minutes before can predict. Needs torch."""
+    import statistics
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weights = [torch.randn(256, 256, generator=generator) / 16 for _ in range(28)]  # activations stay O(1)
+        forms = {"llc": weights, "core": [weights[0]] * len(weights)}
+        rows = torch.randn(4, 256, generator=generator)
+        samples: dict[str, list[float]] = {name: [] for name in forms}
+        end = time.perf_counter() + seconds
+        while not samples["llc"] or time.perf_counter() < end:
+            for name, chain in forms.items():
+                passes = []
+                for _ in range(30):
+                    started = time.perf_counter()
+                    hidden = rows
+                    for weight in chain:
+                        hidden = torch.nn.functional.linear(hidden, weight)
+                    passes.append(time.perf_counter() - started)
+                samples[name].append(statistics.median(passes) / len(chain) * 1e6)
+            time.sleep(interval)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: {"op_us": [round(x, 2) for x in values], "min_us": min(values),
+                   "median_us": statistics.median(values), "max_us": max(values),
+                   "spread": max(values) / min(values)} for name, values in samples.items()}
+
+
 def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model: CostModel | str | Path, *,
              policies: Sequence[str] | None = None, mode: str = "offline", progress: bool = False,
              scheduler_overhead: float | str = "measured", results: list[BenchmarkResult] | None = None,
