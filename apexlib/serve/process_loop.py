@@ -63,13 +63,15 @@ class _PipeSender:
 
     def post(self, message: tuple) -> None:
         if self._error is not None:
-            raise RuntimeError(f"the HTTP process is gone: {self._error}")
+            raise RuntimeError(f"the pipe to the HTTP process failed: {self._error}")
         self._queue.put(message)
 
     def send(self, message: tuple) -> None:
         done, raised = threading.Event(), []
         self._queue.put((_SYNC, message, done, raised))
-        done.wait()
+        while not done.wait(1.0):
+            if not self._thread.is_alive():
+                raise RuntimeError("the sender thread of the engine process is gone")
         if raised:
             raise raised[0]
 
@@ -85,7 +87,7 @@ class _PipeSender:
         if self._error is None:
             try:
                 self.conn.send(message)
-            except (OSError, EOFError) as error:  # the parent is gone (BrokenPipeError is an OSError)
+            except Exception as error:  # the parent is gone (BrokenPipeError), or a bug: later posts raise it
                 self._error = error
 
     def _run(self) -> None:
@@ -111,7 +113,7 @@ class _PipeSender:
                     _, message, done, raised = item
                     try:
                         if self._error is not None:
-                            raise RuntimeError(f"the HTTP process is gone: {self._error}")
+                            raise RuntimeError(f"the pipe to the HTTP process failed: {self._error}")
                         self.conn.send(message)
                     except BaseException as error:  # handed to the waiting caller
                         raised.append(error)
