@@ -63,7 +63,7 @@ class _PipeSender:
 
     def post(self, message: tuple) -> None:
         if self._error is not None:
-            raise RuntimeError(f"the pipe to the HTTP process failed: {self._error}")
+            raise self._failed()
         self._queue.put(message)
 
     def send(self, message: tuple) -> None:
@@ -83,12 +83,22 @@ class _PipeSender:
         self._queue.put(None)
         self._thread.join(timeout)
 
+    def _failed(self) -> RuntimeError:
+        return RuntimeError(f"the pipe to the HTTP process failed: {self._error}")
+
     def _write(self, message: tuple) -> None:
         if self._error is None:
             try:
                 self.conn.send(message)
             except Exception as error:  # the parent is gone (BrokenPipeError), or a bug: later posts raise it
                 self._error = error
+
+    def _flush(self, deltas: list, snapshot: tuple | None) -> None:
+        """The queued steps' deltas as one message (in order), then the newest snapshot."""
+        if deltas:
+            self._write(("deltas", deltas))
+        if snapshot is not None:
+            self._write(snapshot)
 
     def _run(self) -> None:
         while True:
@@ -101,19 +111,15 @@ class _PipeSender:
             deltas: list = []
             snapshot = None
             for item in batch:
-                if item is None or item[0] is _SYNC:
-                    if deltas:
-                        self._write(("deltas", deltas))
-                        deltas = []
-                    if snapshot is not None:
-                        self._write(snapshot)
-                        snapshot = None
+                if item is None or item[0] is _SYNC:  # what was posted before it goes first
+                    self._flush(deltas, snapshot)
+                    deltas, snapshot = [], None
                     if item is None:
                         return
                     _, message, done, raised = item
                     try:
                         if self._error is not None:
-                            raise RuntimeError(f"the pipe to the HTTP process failed: {self._error}")
+                            raise self._failed()
                         self.conn.send(message)
                     except BaseException as error:  # handed to the waiting caller
                         raised.append(error)
@@ -122,10 +128,7 @@ class _PipeSender:
                     deltas.extend(item[1])
                 else:  # a snapshot: only the newest one matters
                     snapshot = item
-            if deltas:
-                self._write(("deltas", deltas))
-            if snapshot is not None:
-                self._write(snapshot)
+            self._flush(deltas, snapshot)
 
 
 class _ChildLoop(EngineLoop):
