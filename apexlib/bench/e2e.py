@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apexlib.core.host import cpu_info, cpu_short_name
+from apexlib.core.host import cpu_info, cpu_short_name, load_average_1min
 from apexlib.core.models import special_token_ids
 from apexlib.core.results import RESULTS_DIR
 from apexlib.engine.settings import BenchmarkSettings
@@ -155,7 +154,7 @@ def run_e2e(settings: E2ESettings, out_dir: str | Path | None = None, progress: 
     except VllmUnavailable as error:
         skipped["vllm"] = error.reason
         runners.pop("vllm")
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = load_average_1min()
     throughputs: dict[str, list[float]] = {name: [] for name in runners}
     tokens: dict[str, dict[str, tuple[int, ...]]] = {}
     with tqdm(total=settings.repeats * len(runners), desc="e2e", disable=not progress, leave=False) as bar:
@@ -180,7 +179,7 @@ def run_e2e(settings: E2ESettings, out_dir: str | Path | None = None, progress: 
         "what": "end to end: the same checkpoint and token prompts through apexlib, vLLM (CPU) and transformers",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu_model": info["cpu_model"], "cpu_affinity": info["cpu_affinity"], "simd": info["simd"],
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "load_average_1min": {"before": load_before, "after": load_average_1min()},
         "model": {"preset": MODEL_PRESET, "path": path, "hidden_size": config.hidden_size,
                   "num_layers": config.num_layers, "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
                   "vocab_size": config.vocab_size},

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from apexlib.core.host import load_average_1min
 from apexlib.core.results import BenchmarkResult
 from apexlib.costs import CostModel, TableCostModel
 from apexlib.engine.settings import BenchmarkSettings
 from apexlib.sim.simulator import SimulationResult, simulate
 from apexlib.workloads import Workload
+
+
+def _load_average() -> float:
+    load = load_average_1min()
+    return math.nan if load is None else load
 
 
 def _relative_error(simulated: float, measured: float) -> float:
@@ -141,12 +146,12 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model:
         for policy in (names if round_index % 2 == 0 else names[::-1]):
             settings = policy_settings(policy)
             engine = build_engine(settings, workload)
-            load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+            load_before = _load_average()
             try:
                 measured = run_benchmark(workload, settings, mode=mode, progress=progress, engine=engine)
             finally:
                 engine.close()
-            load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan
+            load_after = _load_average()
             runs[policy].append((measured, engine.config, load_before, load_after))
     rows = []
     for policy in names:

@@ -34,6 +34,11 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
+def load_average_1min() -> float | None:
+    """The 1-minute load average (None where the platform has none): what else ran beside a measurement."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def memory_gib() -> float | None:
     meminfo = Path("/proc/meminfo")
     if not meminfo.is_file():

@@ -7,13 +7,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
 import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from apexlib.core.host import load_average_1min
 from apexlib.costs import (
     CostModel,
     predict_iteration,
@@ -138,11 +138,11 @@ def check_profile(settings: ProfileSettings, cost_model: CostModel, workload: Se
                           num_cpu_blocks=4096,  # every run with the CPU worker: the profile's thread layout
                           max_model_len=min(config.max_position_embeddings, 1024), profile_subtasks=True,
                           seed=settings.seed)
-        load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        load_before = load_average_1min()
         result = accuracy_report(args, cost_model, workload, seed=settings.seed)
         report["runs"][mode] = {k: v for k, v in result.items() if k != "rows"}
         report["runs"][mode]["load_average_1min"] = {  # other processes on the cores distort the measurement
-            "before": load_before, "after": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "before": load_before, "after": load_average_1min()}
         report["runs"][mode]["rows"] = result["rows"]
     all_rows = [r for run in report["runs"].values() for r in run["rows"]]
     modes = sorted({r["mode"] for r in all_rows})

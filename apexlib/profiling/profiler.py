@@ -45,7 +45,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import random
 import re
 import statistics
@@ -57,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apexlib.core.host import cpu_short_name
+from apexlib.core.host import cpu_short_name, load_average_1min
 from apexlib.costs import (
     PROFILE_SCHEMA,
     ModelShape,
@@ -278,7 +277,7 @@ def provenance(engine: Any, settings: ProfileSettings) -> dict[str, Any]:
         "cpu_attention_cpus": list(worker.cpu_ids) if worker else None, "cpu_attention_isa": isa,
         "repetitions": settings.repetitions, "warmup": settings.warmup, "quick": settings.quick,
         "statistic": "median of repetitions after warm-up", "command": settings.command,
-        "load_average_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_1min_at_end": load_average_1min(),
     }
 
 
