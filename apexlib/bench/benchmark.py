@@ -85,7 +85,7 @@ def build_engine(settings: BenchmarkSettings, workload: Workload):
     (:func:`apexlib.engine.settings.resolve_max_model_len`)."""
     from apexlib.core.config import ModelConfig
     from apexlib.engine.engine import LLMEngine
-    from apexlib.model.tiny import resolve_checkpoint
+    from apexlib.model.catalog import resolve_checkpoint
 
     model_config = ModelConfig.from_pretrained(resolve_checkpoint(settings.engine.model))
     limit = resolve_max_model_len(settings.engine, workload, model_config.max_position_embeddings)

@@ -124,7 +124,7 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model:
     import pandas as pd
 
     from apexlib.bench.benchmark import build_engine, run_benchmark
-    from apexlib.model.tiny import resolve_checkpoint
+    from apexlib.model.catalog import resolve_checkpoint
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

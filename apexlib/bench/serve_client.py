@@ -140,7 +140,7 @@ def run_serve_benchmark(base_url: str, workload: Workload, settings: BenchmarkSe
                         max_concurrency: int | None = None, timeout: float = 600.0) -> BenchmarkResult:
     """Send ``workload`` to the server at ``base_url``; ``settings.engine.model`` is the local checkpoint the
     prompts' token ids are drawn for (the one the server serves)."""
-    from apexlib.model.tiny import resolve_checkpoint
+    from apexlib.model.catalog import resolve_checkpoint
 
     engine_args = settings.engine
     base_url = base_url.rstrip("/")

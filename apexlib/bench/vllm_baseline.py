@@ -102,7 +102,7 @@ def find_vllm_python(device: str = "cpu", python: str | os.PathLike[str] | None 
 def vllm_worker_settings(workload: Workload, settings: BenchmarkSettings, mode: str, device: str) -> dict[str, Any]:
     """The worker's settings, resolved as apexlib's engine resolves them (same KV budget and limits)."""
     from apexlib.core.config import ModelConfig
-    from apexlib.model.tiny import resolve_checkpoint
+    from apexlib.model.catalog import resolve_checkpoint
 
     model_path = resolve_checkpoint(settings.engine.model)
     model_config = ModelConfig.from_pretrained(model_path)

@@ -1,10 +1,11 @@
 """Known model shapes (no checkpoint needed) and the one resolver of a model argument to a ``ModelConfig``.
 
-A model is named by a shape (``llama-2-7b``, ``llama-3.1-8b``, ``tiny-demo``), by ``shape:<name>``
+A model is named by a shape (``llama-2-7b``, ``llama-3.1-8b``, ``smollm2``, ``tiny-demo``), by ``shape:<name>``
 (the ``path`` such a ``ModelConfig`` carries), or by a checkpoint directory (its ``config.json``).
 ``tiny-demo`` is the shape of the tiny ``demo`` checkpoint (``apexlib.model.tiny``): the engine takes the
 checkpoint by its preset name, the simulator its shape (the rows of simulated runs name it
-``shape:tiny-demo``). Torch-free: the simulator and the cost models read it.
+``shape:tiny-demo``). ``smollm2`` names both: the shape here and the real checkpoint the engine builds
+from it (``apexlib.model.catalog``). Torch-free: the simulator and the cost models read it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
                       num_kv_heads=2, head_dim=32, max_position_embeddings=2048, rms_norm_eps=1e-5,
                       rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False, checkpoint_dtype="float32",
                       bos_token_id=1, eos_token_ids=(2,)),
+    # HuggingFaceTB/SmolLM2-135M-Instruct's config.json; the ``smollm2`` checkpoint
+    # (``apexlib.model.catalog``) is built from its Q4_1 GGUF, checked against and described by this entry.
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                    num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                    rope_theta=100000.0, rope_scaling=None, tie_word_embeddings=True, checkpoint_dtype="float32",
+                    bos_token_id=1, eos_token_ids=(2,)),
 }
 SHAPE_PATH_PREFIX = "shape:"
 

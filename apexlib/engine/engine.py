@@ -44,7 +44,7 @@ from apexlib.costs import (
 from apexlib.engine.args import EngineArgs, activation_reserve_bytes
 from apexlib.engine.assemble import build_control_plane
 from apexlib.engine.prompts import PromptType, prompt_token_ids
-from apexlib.model.tiny import resolve_checkpoint
+from apexlib.model.catalog import resolve_checkpoint
 from apexlib.model.weights import TORCH_DTYPES, load_model
 from apexlib.policies.registry import policy_spec
 from apexlib.runner.kv_storage import KVStorage

@@ -653,14 +653,3 @@ __all__ = [
     "write_random_checkpoint",
 ]
 
-
-def resolve_checkpoint(model: str | os.PathLike[str]) -> str:
-    """The checkpoint directory a ``model`` argument names: a directory as given, or a tiny preset name
-    (:data:`TINY_PRESETS`, e.g. ``"demo"``) built once into the tiny cache."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return str(path)
-    if str(model) in TINY_PRESETS:
-        return str(tiny_checkpoint(str(model)))
-    raise FileNotFoundError(f"model path {str(model)!r} does not exist (and is not a tiny preset: "
-                            f"{sorted(TINY_PRESETS)})")

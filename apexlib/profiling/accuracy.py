@@ -19,7 +19,7 @@ from apexlib.costs import (
     predict_iteration,
     shape_from_plan,
 )
-from apexlib.model.tiny import resolve_checkpoint
+from apexlib.model.catalog import resolve_checkpoint
 from apexlib.profiling.profiler import ProfileSettings
 
 logger = logging.getLogger(__name__)

@@ -63,7 +63,7 @@ from apexlib.costs import (
     shape_from_plan,
 )
 from apexlib.costs.table import DecodeFit, Grid
-from apexlib.model.tiny import resolve_checkpoint
+from apexlib.model.catalog import resolve_checkpoint
 from apexlib.profiling.calibrate import calibration_runs, fit_hybrid
 
 logger = logging.getLogger(__name__)
