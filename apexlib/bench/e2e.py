@@ -14,8 +14,21 @@ greedy tokens equal apexlib's. One more apexlib run with subtask profiling and t
 records says where its time goes: the linear layers, attention, sampling (the runner's subtask
 clocks), scheduling and the scheduler's update (the step records), and the rest of the step.
 
-The checkpoint is the tiny ``bench512`` preset (hidden 512, 4 layers, 8 query / 2 KV heads, random
-weights, vocabulary 1024). The figures are of this CPU only: the JSON names it and the load average.
+The checkpoint is ``smollm2`` by default (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized: 30 layers,
+hidden 576, 9 query / 3 KV heads), or any checkpoint directory or tiny preset (``bench512``). Each run is
+of one dtype; :func:`native_dtypes` says which this CPU computes natively (fp32 always, bf16 with
+AVX512-BF16 or AMX-BF16), and the CLI runs each of them.
+
+In the same run, the machine's limit (:mod:`apexlib.bench.linear_roofline`): the linear GEMMs of every
+iteration apexlib ran, timed alone, and the weights' stream at the DRAM read bandwidth measured now.
+``roofline / apexlib`` is the fraction of that limit the engine reaches.
+
+Greedy agreement is counted per engine against apexlib. In 16-bit runs, every request whose tokens
+differ is checked where they first differ: the two engines' tokens must be a near-tie of an fp32
+reference (transformers' fp32 forward over the common prefix): their fp32 logits within
+:data:`NEAR_TIE_LOGIT_GAP`. A larger gap is counted as a bug, not rounding.
+
+The figures are of this CPU only: the JSON names it and the load average.
 """
 
 from __future__ import annotations
@@ -38,7 +51,12 @@ from apexlib.workloads import Fixed, Workload, make_workload, prepare_workload
 logger = logging.getLogger(__name__)
 
 ENGINES = ("apexlib", "vllm", "transformers")
-MODEL_PRESET = "bench512"
+DEFAULT_MODEL = "smollm2"
+#: Largest fp32 logit gap between two tokens that a 16-bit run may swap and still count as rounding.
+#: bf16 keeps 8 significant bits: a logit of magnitude ~20 carries ~0.08 of rounding per operation, and
+#: a 30-layer forward accumulates several; one logit unit (a probability ratio of e) is well above that
+#: and well below the gaps of confident tokens.
+NEAR_TIE_LOGIT_GAP = 1.0
 #: KV block size of both paged engines (vLLM's CPU attention takes multiples of 32 only).
 BLOCK_SIZE = 32
 
@@ -52,6 +70,7 @@ class E2ESettings:
     repeats: int = 3
     seed: int = 0
     vllm_python: str | None = None
+    model: str = DEFAULT_MODEL
 
     def __post_init__(self) -> None:
         for name in ("num_requests", "prompt_len", "output_len", "repeats"):
@@ -133,7 +152,67 @@ def time_breakdown(path: str, workload: Workload, settings: E2ESettings) -> dict
         totals["scheduling"] += step.schedule_seconds
         totals["update"] += step.update_seconds
     totals["other"] = max(0.0, wall - sum(totals.values()))
-    return {name: value / wall for name, value in totals.items()} | {"wall_s": wall}
+    return {name: value / wall for name, value in totals.items()} | {"wall_s": wall}, steps
+
+
+def native_dtypes(simd: Sequence[str]) -> tuple[str, ...]:
+    """The dtypes this CPU computes natively: float32, and bfloat16 with AVX512-BF16 or AMX-BF16."""
+    return ("float32", "bfloat16") if {"avx512_bf16", "amx_bf16"} & set(simd) else ("float32",)
+
+
+def machine_limit(config: Any, settings: E2ESettings, steps: Sequence[Any], apexlib_median: float
+                  ) -> dict[str, Any]:
+    """The in-run roofline of apexlib's iterations (:mod:`apexlib.bench.linear_roofline`)."""
+    import torch
+
+    from apexlib.bench.cpu_attention import llc_bytes
+    from apexlib.bench.linear_roofline import roofline_seconds, step_shape, time_linears, weight_bytes
+    from apexlib.runner.machine import measure_dram_read_gbps
+
+    dtype = getattr(torch, settings.dtype)
+    megabytes = max(1024, 2 * llc_bytes() // 2**20)  # far past the last-level cache
+    dram_gbps = measure_dram_read_gbps(megabytes=megabytes)
+    shapes = [step_shape(step.plan) for step in steps]
+    gemm = time_linears(config, dtype, shapes)
+    stream = weight_bytes(config, dtype) / (dram_gbps * 1e9)
+    limit = roofline_seconds(shapes, gemm, stream)
+    output_tokens = settings.num_requests * settings.output_len
+    return {
+        "dram_read_gbps": dram_gbps, "dram_buffer_mib": megabytes, "weight_bytes": weight_bytes(config, dtype),
+        "weights_stream_s": stream, "iterations": len(shapes),
+        "gemm_alone_s": {f"{s.tokens}x{s.sampled}": t for s, t in gemm.items()},
+        "prefill_roofline_s": roofline_seconds([s for s in shapes if s.tokens > s.sampled], gemm, stream),
+        "decode_roofline_s": roofline_seconds([s for s in shapes if s.tokens == s.sampled], gemm, stream),
+        "roofline_s": limit,
+        "roofline_output_tok_s": output_tokens / limit,
+        "apexlib_fraction_of_roofline": apexlib_median / (output_tokens / limit),
+    }
+
+
+def near_tie_check(path: str, workload: Workload, reference: dict[str, tuple[int, ...]],
+                   other: dict[str, tuple[int, ...]]) -> list[dict[str, Any]]:
+    """Where ``other``'s greedy tokens first differ from ``reference``'s: the fp32 logit gap of the two."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    differing = [r for r in workload.requests if other[r.request_id] != reference[r.request_id]]
+    if not differing:
+        return []
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    checks = []
+    with torch.inference_mode():
+        for request in differing:
+            ours, theirs = reference[request.request_id], other[request.request_id]
+            position = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b)
+            prefix = list(request.prompt_token_ids) + list(ours[:position])
+            logits = model(torch.tensor([prefix])).logits[0, -1]
+            gap = float(logits[ours[position]] - logits[theirs[position]])
+            top = int(torch.argmax(logits))
+            checks.append({"request_id": request.request_id, "position": position, "tokens": [ours[position],
+                           theirs[position]], "fp32_top_token": top, "fp32_logit_gap": gap,
+                           "near_tie": abs(gap) <= NEAR_TIE_LOGIT_GAP})
+    del model
+    return checks
 
 
 def run_e2e(settings: E2ESettings, out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -142,9 +221,9 @@ def run_e2e(settings: E2ESettings, out_dir: str | Path | None = None, progress: 
 
     from apexlib.bench.vllm_baseline import VllmUnavailable, find_vllm_python
     from apexlib.core.config import ModelConfig
-    from apexlib.model.tiny import tiny_checkpoint
+    from apexlib.model.catalog import model_title, provenance, resolve_checkpoint
 
-    path = str(tiny_checkpoint(MODEL_PRESET))
+    path = resolve_checkpoint(settings.model)
     config = ModelConfig.from_pretrained(path)
     workload = e2e_workload(settings, config.vocab_size, special_token_ids(path, config.vocab_size))
     runners = {"apexlib": _apexlib_run, "vllm": _vllm_run, "transformers": _transformers_run}
@@ -165,44 +244,62 @@ def run_e2e(settings: E2ESettings, out_dir: str | Path | None = None, progress: 
                 throughputs[name].append(rate)
                 tokens.setdefault(name, outputs)
                 bar.update()
-    breakdown = time_breakdown(path, workload, settings)
+    breakdown, steps = time_breakdown(path, workload, settings)
     medians = {name: statistics.median(values) for name, values in throughputs.items()}
+    limit = machine_limit(config, settings, steps, medians["apexlib"])
     reference = tokens["apexlib"]
     rows = []
     for name in runners:
         same = sum(tokens[name][rid] == reference[rid] for rid in reference)
-        rows.append({"engine": name, "output_tok_s_median": medians[name], "runs": throughputs[name],
-                     "ratio_apexlib_to_this": medians["apexlib"] / medians[name],
-                     "greedy_tokens_equal_to_apexlib": f"{same}/{len(reference)}"})
+        row = {"engine": name, "output_tok_s_median": medians[name], "runs": throughputs[name],
+               "ratio_apexlib_to_this": medians["apexlib"] / medians[name],
+               "greedy_tokens_equal_to_apexlib": f"{same}/{len(reference)}"}
+        if name != "apexlib" and settings.dtype != "float32":
+            checks = near_tie_check(path, workload, reference, tokens[name])
+            row["disagreements"] = checks
+            row["disagreements_not_near_ties"] = sum(not check["near_tie"] for check in checks)
+        rows.append(row)
     info = cpu_info()
     report = {
         "what": "end to end: the same checkpoint and token prompts through apexlib, vLLM (CPU) and transformers",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu_model": info["cpu_model"], "cpu_affinity": info["cpu_affinity"], "simd": info["simd"],
         "load_average_1min": {"before": load_before, "after": load_average_1min()},
-        "model": {"preset": MODEL_PRESET, "path": path, "hidden_size": config.hidden_size,
+        "native_dtypes": list(native_dtypes(info["simd"])),
+        "model": {"name": settings.model, "title": model_title(path), "provenance": provenance(path),
+                  "path": path, "hidden_size": config.hidden_size,
                   "num_layers": config.num_layers, "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
                   "vocab_size": config.vocab_size},
         "settings": {"num_requests": settings.num_requests, "prompt_len": settings.prompt_len,
                      "output_len": settings.output_len, "dtype": settings.dtype, "repeats": settings.repeats,
                      "block_size": BLOCK_SIZE},
-        "rows": rows, "skipped": skipped, "apexlib_time_shares": breakdown,
+        "rows": rows, "skipped": skipped, "apexlib_time_shares": breakdown, "machine_limit": limit,
+        "near_tie_logit_gap": NEAR_TIE_LOGIT_GAP,
     }
     directory = Path(out_dir) if out_dir is not None else RESULTS_DIR / "e2e"
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"{report['date_utc'][:10]}-{cpu_short_name(info['cpu_model'], info['simd'])}-{settings.dtype}.json"
+    label = Path(settings.model).name
+    name = (f"{report['date_utc'][:10]}-{cpu_short_name(info['cpu_model'], info['simd'])}-{label}-"
+            f"{settings.dtype}.json")
     (directory / name).write_text(json.dumps(report, indent=1) + "\n")
     report["path"] = str(directory / name)
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"end to end on {report['cpu_model']} ({report['cpu_affinity']} CPUs), {report['settings']}, "
-             f"load {report['load_average_1min']}",
+    lines = [f"end to end on {report['cpu_model']} ({report['cpu_affinity']} CPUs), {report['model']['title']}, "
+             f"{report['settings']}, load {report['load_average_1min']}",
              f"{'engine':<14}{'tok/s (median)':>16}{'apexlib / this':>16}  greedy tokens = apexlib's   runs"]
     for row in report["rows"]:
         lines.append(f"{row['engine']:<14}{row['output_tok_s_median']:>16.1f}{row['ratio_apexlib_to_this']:>16.2f}"
                      f"  {row['greedy_tokens_equal_to_apexlib']:<26}  {[round(r, 1) for r in row['runs']]}")
+        if "disagreements" in row:
+            lines.append(f"{'':<14}differing requests: {len(row['disagreements'])}, of which not near-ties "
+                         f"(fp32 logit gap > {report['near_tie_logit_gap']}): {row['disagreements_not_near_ties']}")
+    limit = report["machine_limit"]
+    lines.append(f"machine limit: linear GEMMs alone + weights' stream at {limit['dram_read_gbps']:.1f} GB/s DRAM "
+                 f"-> {limit['roofline_output_tok_s']:.1f} tok/s; apexlib reaches "
+                 f"{limit['apexlib_fraction_of_roofline']:.2f} of it")
     for name, reason in report["skipped"].items():
         lines.append(f"{name}: skipped ({reason})")
     shares = report["apexlib_time_shares"]
