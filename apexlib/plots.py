@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -317,6 +318,29 @@ def notebook_setup(experiment: str, quick: bool) -> tuple[Path, Path]:
     results_dir.mkdir(parents=True, exist_ok=True)
     print("results ->", results_dir.resolve(), "| figures ->", figures_dir.resolve())  # noqa: T201
     return results_dir, figures_dir
+
+
+@dataclass(frozen=True)
+class NotebookModel:
+    """A notebook's ``model`` parameter: a named checkpoint (``smollm2``), a tiny preset (``demo``) or a
+    checkpoint directory, with its label in profile and result file names and its title in captions."""
+
+    name: str
+    label: str
+    title: str
+
+    def checkpoint(self) -> str:
+        """Its checkpoint directory (a named checkpoint is built on first use)."""
+        from apexlib.model.catalog import resolve_checkpoint
+
+        return resolve_checkpoint(self.name)
+
+
+def notebook_model(model: str) -> NotebookModel:
+    """:class:`NotebookModel` of ``model``, without building or loading anything."""
+    from apexlib.model.catalog import describe_model
+
+    return NotebookModel(str(model), *describe_model(model))
 
 
 def find_profile(directory: str | Path, model_label: str = "tiny-demo") -> Path:

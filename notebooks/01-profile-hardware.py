@@ -18,17 +18,17 @@
 #
 # Measures every subtask the cost model predicts (linear work vs tokens, prefill attention, device
 # and CPU decode attention vs batch and context, copies, launch overhead) through the real runner, on
-# this machine: with no GPU the "device" is the CPU (`device=cpu`) and the model is the tiny demo
-# checkpoint; on a GPU VM give `model_path` and `device="cuda"`. Writes
+# this machine: with no GPU the "device" is the CPU (`device=cpu`) and the model SmolLM2-135M-Instruct
+# (`model = "smollm2"`, real weights streamed from DRAM every step); on a GPU VM give `model` (a
+# checkpoint directory) and `device="cuda"`. Writes
 # `data/profiles/<device>-<model>.json` with full provenance, which notebooks 02, 03 and 07 use.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 device = "cpu"
-tiny_preset = "demo"
 
 # %%
 EXPERIMENT = "01-profile-hardware"
@@ -47,15 +47,15 @@ results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 from apexlib.profiling.profiler import ProfileSettings, default_profile_path, profile_model, write_profile
 
 profiles_dir = results_dir.parents[1] / "profiles"
+chosen = plots.notebook_model(model)
 if run_experiments:
-    settings = ProfileSettings(model=model_path or tiny_preset, device=device,
-                               dtype="float32" if model_path is None else "auto", quick=quick, progress=False,
+    settings = ProfileSettings(model=chosen.checkpoint(), device=device,
+                               dtype="float32" if device == "cpu" else "auto", quick=quick, progress=False,
                                command="notebooks/01-profile-hardware.ipynb")
     profile = profile_model(settings)
     profile_path = write_profile(profile, profiles_dir / default_profile_path(profile).name)
 else:
-    profile_path = plots.find_profile(profiles_dir,
-                                      "tiny-demo" if model_path is None else Path(model_path).name)
+    profile_path = plots.find_profile(profiles_dir, chosen.label)
 profile = json.loads(Path(profile_path).read_text())
 info = profile["provenance"]
 print(profile_path, "|", profile["label"])
@@ -83,6 +83,7 @@ for axis in axes:
     axis.yaxis.set_minor_formatter(plt.NullFormatter())
 caption = plots.provenance_caption(executor="engine", source=f"{info['device_name']} ({info['cpu_model']}, "
                                    f"{info['cpu_count']} CPUs), {info['date_utc'][:10]}",
-                                   model=profile["model"]["name"], workload="synthetic profiling batches")
+                                   model=profile["model"].get("title", profile["model"]["name"]),
+                                   workload="synthetic profiling batches")
 fig = plots._finish(fig, "Measured subtask times (the cost model's tables)", caption)
 plots.save_figure(fig, "01-profile", figures_dir)

@@ -19,16 +19,15 @@
 # Runs a varied workload through the real engine once per execution mode (GPU-only, asynchronous
 # overlap, asymmetric pipelining) with subtask timing on, and compares every iteration's measured time
 # with the `TableCostModel`'s prediction from notebook 01's profile. Goal: median error <= 10%, the
-# prediction's own time <= 1% of the iteration. Measured on this machine (device=cpu, tiny model) unless
-# `model_path` is given.
+# prediction's own time <= 1% of the iteration. Measured on this machine (device=cpu) on `model`
+# (SmolLM2-135M-Instruct by default), with notebook 01's profile of the same model.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 device = "cpu"
-tiny_preset = "demo"
 
 # %%
 EXPERIMENT = "02-cost-model-accuracy"
@@ -48,11 +47,12 @@ from apexlib.costs import TableCostModel
 from apexlib.profiling.accuracy import check_profile
 from apexlib.profiling.profiler import ProfileSettings
 
-profile_path = plots.current_profile(quick)
+chosen = plots.notebook_model(model)
+profile_path = plots.current_profile(quick, chosen.label)
 rows_path = results_dir / "iterations.csv"
 if run_experiments:
-    settings = ProfileSettings(model=model_path or tiny_preset, device=device,
-                               dtype="float32" if model_path is None else "auto", progress=False)
+    settings = ProfileSettings(model=chosen.checkpoint(), device=device,
+                               dtype="float32" if device == "cpu" else "auto", progress=False)
     workload = [(16 + 23 * i % 200, 8 + 7 * i % 40) for i in range(8 if quick else 24)]
     report = check_profile(settings, TableCostModel.from_file(profile_path), workload=workload)
     rows = pd.DataFrame([r for run in report["runs"].values() for r in run["rows"]])
@@ -73,7 +73,7 @@ profile = json.loads(Path(profile_path).read_text())
 info = profile["provenance"]
 caption = plots.provenance_caption(
     executor="engine", source=f"{info['cpu_model']} (device={info['device']}), "
-    f"profile {Path(profile_path).name}", model=profile["model"]["name"],
+    f"profile {Path(profile_path).name}", model=profile["model"].get("title", profile["model"]["name"]),
     workload=f"{len(rows)} iterations of mixed prefill/decode, squeezed GPU tier")
 fig = plots.prediction_error(rows, title="Predicted vs measured iteration time", caption=caption)
 plots.save_figure(fig, "02-cost-model-accuracy", figures_dir)

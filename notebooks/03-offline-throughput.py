@@ -22,14 +22,15 @@
 #   clock, timed by a roofline cost model of each GPU + host (datasheet bandwidths; efficiency factors
 #   documented in `apexlib.costs`). The GPU KV pool is what the GPU has left after the fp16
 #   weights; the CPU tier is `cpu_kv_gib`. Every simulated figure says so.
-# * **Measured**: the same three policies through the real engine on this machine (device=cpu, the tiny
-#   demo model, a GPU tier squeezed to force CPU-resident requests), deciding on notebook 01's profile.
+# * **Measured**: the same three policies through the real engine on this machine (device=cpu,
+#   `model`, SmolLM2-135M-Instruct by default, a GPU tier squeezed to force CPU-resident requests),
+#   deciding on notebook 01's profile.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 hardware_models = [("t4", "llama-2-7b"), ("a10g-16vcpu", "llama-2-7b"), ("a10g-16vcpu", "llama-3.1-8b")]
 policies = ["gpu_only", "neo_published", "neo", "apex"]
 cpu_kv_gib = 20.0
@@ -52,6 +53,8 @@ results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 
 # %%
 from apexlib.costs import datasheet_roofline
+
+measured_model = plots.notebook_model(model)  # the measured part's model (`model` names shapes below)
 
 # %% [markdown]
 # ## Assumptions and their ranges
@@ -113,7 +116,7 @@ fig = plots.throughput_by_policy(central, x="setting", col="gpu / model",
 plots.save_figure(fig, "03-offline-throughput-simulated", figures_dir)
 
 # %% [markdown]
-# ## Measured on this machine (device=cpu, tiny demo model)
+# ## Measured on this machine (device=cpu, `model`: SmolLM2-135M-Instruct by default)
 
 # %%
 from apexlib.bench.benchmark import run_benchmark
@@ -122,10 +125,10 @@ from apexlib.engine.settings import BenchmarkSettings
 measured_path = results_dir / "measured.csv"
 if run_experiments:
     workload = get_preset("tiny-decode-heavy", num_requests=12 if quick else 48)
-    profile_path = plots.current_profile(quick)
+    profile_path = plots.current_profile(quick, measured_model.label)
     rows = []
     for policy in policies:
-        settings = BenchmarkSettings.create(model=model_path, policy=policy, device="cpu", dtype="float32",
+        settings = BenchmarkSettings.create(model=measured_model.checkpoint(), policy=policy, device="cpu", dtype="float32",
                                             num_gpu_blocks=24, num_cpu_blocks=2048, warmup_requests=2,
                                             cost_model=str(profile_path))
         result = run_benchmark(workload, settings, progress=False, experiment=EXPERIMENT)
@@ -137,7 +140,7 @@ display(measured[["policy", "output_throughput", "tpot_mean_s", "ttft_median_s",
 caption = plots.provenance_caption(
     executor="engine",
     source=f"{measured['cpu_model'].iloc[0]} ({measured['cpu_count'].iloc[0]} CPUs, device=cpu)",
-    model="tiny demo (random weights)",
+    model=measured_model.title,
     workload=f"{measured['workload'].iloc[0]}, GPU tier squeezed to 24 blocks")
 fig = plots.throughput_by_policy(measured, x="setting", title="Offline output throughput (measured)",
                                  caption=caption)

@@ -31,7 +31,7 @@
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 combos = [("t4", "llama-2-7b"), ("a10g-16vcpu", "llama-2-7b"), ("a10g-16vcpu", "llama-3.1-8b")]
 rates_by_hardware = {"t4": [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.8],
                      "a10g-16vcpu": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 8.0]}

@@ -24,9 +24,9 @@
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 hardware = "t4"
-model = "llama-2-7b"
+simulated_model = "llama-2-7b"  # the shape the simulated runs use
 workload_name = "t4-decode-heavy"
 num_requests = 100
 cpu_kv_gib = 20.0
@@ -66,7 +66,7 @@ if run_experiments:
     rows, modes = [], []
     workload = get_preset(workload_name, num_requests=num_requests)
     for label, options in variants.items():
-        result = simulate(workload, model=model, cost_model=datasheet_roofline(hardware, model), cpu_kv_gib=cpu_kv_gib,
+        result = simulate(workload, model=simulated_model, cost_model=datasheet_roofline(hardware, simulated_model), cpu_kv_gib=cpu_kv_gib,
                           dtype="float16", max_model_len=workload.max_total_len, **options)
         rows.append(result.labelled_summary(variant=label, policy=label))
         trace = result.iterations.to_dataframe()
@@ -76,7 +76,7 @@ if run_experiments:
 frame, modes = pd.read_csv(path), pd.read_csv(iterations_path)
 display(frame[["variant", "output_throughput", "tpot_mean_s", "engine_iterations", "engine_preemptions"]])
 caption = plots.provenance_caption(executor="simulator", source=f"roofline cost model of {hardware}",
-                                   model=f"{model} fp16",
+                                   model=f"{simulated_model} fp16",
                                    workload=f"{workload_name}, {num_requests} requests, offline")
 fig = plots.throughput_by_policy(frame.assign(setting=workload_name, policy=frame["variant"]), x="setting",
                                  title="Execution-mode ablation (simulated)", caption=caption)
@@ -106,14 +106,14 @@ sweep_path = results_dir / "cpu_bandwidth_sweep.csv"
 if run_experiments:
     rows = []
     workload = get_preset(workload_name, num_requests=num_requests)
-    base = datasheet_roofline(hardware, model)
+    base = datasheet_roofline(hardware, simulated_model)
     for gbps in host_gbps:
         spec = dataclasses.replace(base.spec, dram_gbps=gbps)
         cost = dataclasses.replace(base, spec=spec)
         share = (100.0 * gbps * cost.cpu_attention_efficiency
                  / (spec.memory_bandwidth_gbps * cost.attention_efficiency))
         for policy in sweep_policies:
-            result = simulate(workload, model=model, policy=policy, cost_model=cost, cpu_kv_gib=cpu_kv_gib,
+            result = simulate(workload, model=simulated_model, policy=policy, cost_model=cost, cpu_kv_gib=cpu_kv_gib,
                               dtype="float16", max_model_len=workload.max_total_len)
             rows.append(result.labelled_summary(policy=policy, host_dram_gbps=gbps, cpu_share_percent=share))
         logging.getLogger("notebook").warning("host DRAM %.0f GB/s simulated", gbps)
@@ -121,13 +121,13 @@ if run_experiments:
 sweep = pd.read_csv(sweep_path)
 display(sweep.pivot_table(index=["host_dram_gbps", "cpu_share_percent"], columns="policy",
                           values="output_throughput").round(1))
-default = sweep.loc[sweep["host_dram_gbps"] == datasheet_roofline(hardware, model).spec.dram_gbps, "cpu_share_percent"]
+default = sweep.loc[sweep["host_dram_gbps"] == datasheet_roofline(hardware, simulated_model).spec.dram_gbps, "cpu_share_percent"]
 marks = [(10.0, "paper: CPU < 10%")]
 if len(default):
     marks.append((float(default.iloc[0]), "our T4-host assumption"))
 caption = plots.provenance_caption(executor="simulator",
                                    source=f"roofline cost model of {hardware}, host DRAM bandwidth swept",
-                                   model=f"{model} fp16",
+                                   model=f"{simulated_model} fp16",
                                    workload=f"{workload_name}, {num_requests} requests, offline")
 fig = plots.throughput_vs_parameter(sweep, x="cpu_share_percent", marks=marks, caption=caption,
                                     xlabel="CPU attention bandwidth, % of the GPU's (effective)",

@@ -25,9 +25,9 @@
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 hardware = "t4"
-model = "llama-2-7b"
+simulated_model = "llama-2-7b"  # the shape the simulated runs use
 cpu_decode_counts = [8, 32, 128, 512]
 
 # %%
@@ -67,8 +67,8 @@ if quick:
     cpu_decode_counts = cpu_decode_counts[:2]
 path = results_dir / "decision_time.csv"
 if run_experiments:
-    cost_model = datasheet_roofline(hardware, model)
-    shape = ModelShape.from_config(model_config_for_shape(model))
+    cost_model = datasheet_roofline(hardware, simulated_model)
+    shape = ModelShape.from_config(model_config_for_shape(simulated_model))
     transfer = sum(shape.cpu_token_transfer_bytes("float16"))
     rows = []
     for count in cpu_decode_counts:
@@ -101,6 +101,6 @@ sns.lineplot(data=frame, x="cpu_decodes", y="overhead_fraction", hue="policy", m
 axis.set(xscale="log", ylabel="decision time / predicted T4 iteration", xlabel="CPU-resident decodes")
 caption = plots.provenance_caption(executor="engine", source=f"{cpu_info()['cpu_model']} (decision time); "
                                    f"iteration time simulated from the {hardware} roofline",
-                                   model=f"{model} fp16", workload="16 GPU decodes + N CPU decodes")
+                                   model=f"{simulated_model} fp16", workload="16 GPU decodes + N CPU decodes")
 fig = plots._finish(fig, "Scheduler decision overhead", caption)
 plots.save_figure(fig, "06-scheduler-overhead", figures_dir)

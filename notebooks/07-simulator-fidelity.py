@@ -17,25 +17,27 @@
 # # 07 · Simulator fidelity
 #
 # The simulated figures are only as good as the simulator. Here the same workload runs through the
-# real engine on this machine (device=cpu, tiny demo model, squeezed GPU tier) and through the
-# simulator, per policy; the table reports the relative error of output throughput and mean TPOT.
+# real engine on this machine (device=cpu, `model`: SmolLM2-135M-Instruct by default, squeezed GPU tier)
+# and through the simulator, per policy; the table reports the relative error of output throughput and mean TPOT.
 # Target: within 10% (`tests/test_fidelity.py` asserts it in `make test-all`).
 #
-# The profile is measured here, right before the runs (`fresh_profile`), and the engine runs `repeats`
-# times per policy (the policies alternating) and is represented by the median run: a VM's speed moves
-# by 10-20% from one minute to the next, which would otherwise be counted as simulator error. The drift
-# between this profile and notebook 01's is printed next to the table, and every run's throughput in
-# `engine_output_throughput_runs`.
+# The profile and the engine runs interleave (`fresh_profile`): a profile is measured, each policy runs
+# once on the engine (deciding with it), a profile is measured again, and so on for `repeats` rounds;
+# each round is compared with the simulator on the profile measured right before it, and the table
+# reports the median error over the rounds (`error_*_rounds` lists them, `profile_linear_drift_rounds`
+# each round's profile level against the first). A VM's speed moves by 10-20% from one minute to the
+# next; this way the drift moves both sides instead of counting as simulator error.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 policies = ["gpu_only", "neo", "apex"]
 num_requests = 32
-fresh_profile = True     # measure the profile here, right before the runs (False: notebook 01's)
-repeats = 3              # engine runs per policy, alternating; the simulator is compared with their median
+fresh_profile = True     # measure a profile before every round (False: notebook 01's, for every round)
+repeats = 3              # rounds: (profile,) one engine run per policy, alternating order
+profile_grid = {"decode_batches": (1, 4, 16, 32), "hybrid_cpu_batches": (2, 8, 16, 32)}  # quick grid + these
 
 # %%
 EXPERIMENT = "07-simulator-fidelity"
@@ -54,6 +56,7 @@ results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 import statistics
 
 from apexlib.bench.fidelity import fidelity, machine_drift
+from apexlib.costs import TableCostModel
 from apexlib.engine.settings import BenchmarkSettings
 from apexlib.profiling.profiler import ProfileSettings, profile_model, write_profile
 from apexlib.workloads import get_preset
@@ -61,22 +64,32 @@ from apexlib.workloads import get_preset
 if quick:  # the smoke test: notebook 01's quick profile, measured minutes before, and one run per policy
     num_requests, repeats, fresh_profile = 8, 1, False
 path = results_dir / "fidelity.csv"
+chosen = plots.notebook_model(model)
 if run_experiments:
-    profile_path = plots.current_profile(quick)
-    if fresh_profile:
-        fresh = profile_model(ProfileSettings(model=model_path or "demo", quick=quick, progress=False,
-                                              command="notebook 07 (fresh profile)"))
-        reference = json.loads(Path(profile_path).read_text())["tables"]
-        ratios = [a / b for name in ("linear", "sample")
-                  for a, b in zip(fresh["tables"][name]["seconds"], reference[name]["seconds"], strict=False)
-                  if b > 0]
-        print(f"drift since notebook 01's profile: linear/sample tables "
-              f"x{statistics.median(ratios):.3f} (median)")
-        profile_path = write_profile(fresh, results_dir / "profile.json")
+    profile_path = plots.current_profile(quick, chosen.label)
     workload = get_preset("tiny-decode-heavy", num_requests=num_requests)
-    settings = BenchmarkSettings.create(model=model_path, device="cpu", dtype="float32", num_gpu_blocks=24,
+    settings = BenchmarkSettings.create(model=chosen.checkpoint(), device="cpu", dtype="float32", num_gpu_blocks=24,
                                         num_cpu_blocks=2048, warmup_requests=2)
-    table = fidelity(workload, settings, profile_path, policies=policies, repeats=repeats)
+    measured_profiles = []
+
+    def measure_profile():
+        """A profile measured now, before each round (written beside the results)."""
+        fresh = profile_model(ProfileSettings(model=chosen.checkpoint(), quick=True, grid=profile_grid,
+                                              progress=False, command="notebook 07 (profile before a round)"))
+        measured_profiles.append(write_profile(fresh, results_dir / f"profile-round{len(measured_profiles)}.json"))
+        return TableCostModel(fresh)
+
+    table = fidelity(workload, settings, measure_profile if fresh_profile else profile_path, policies=policies,
+                     repeats=repeats)
+    if fresh_profile:
+        def linear_table(file):
+            table = json.loads(Path(file).read_text())["tables"]["linear"]
+            return dict(zip(table["num_tokens"], table["seconds"], strict=True))
+
+        reference, first = linear_table(profile_path), linear_table(measured_profiles[0])
+        ratios = [first[n] / reference[n] for n in first.keys() & reference.keys() if reference[n] > 0]
+        print(f"first round's profile vs notebook 01's: linear table x{statistics.median(ratios):.3f} (median)")
+        profile_path = measured_profiles[0]
     table.assign(profile=str(profile_path)).to_csv(path, index=False)
     # how steady this machine was right after the runs (a fixed single-thread load, in the LLC and in L2)
     drift = machine_drift(seconds=1.0 if quick else 20.0)
@@ -90,7 +103,8 @@ table = pd.read_csv(path)
 display(table[["policy", "engine_output_throughput", "sim_output_throughput", "error_output_throughput",
                "engine_tpot_mean_s", "sim_tpot_mean_s", "error_tpot_mean_s", "iteration_error_median",
                "engine_mode_counts", "load_average_1min"]
-              + [c for c in ("engine_output_throughput_runs",) if c in table.columns]])
+              + [c for c in ("engine_output_throughput_runs", "error_output_throughput_rounds",
+                             "error_tpot_mean_s_rounds", "profile_linear_drift_rounds") if c in table.columns]])
 
 # %%
 import matplotlib.pyplot as plt
@@ -109,6 +123,6 @@ caption = plots.provenance_caption(
     executor="engine",
     source="this machine (device=cpu) vs the simulator "
     f"with the profile {Path(table['profile'].iloc[0]).name} measured before the runs",
-    model="tiny demo", workload=f"tiny-decode-heavy, {num_requests} requests")
+    model=chosen.title, workload=f"tiny-decode-heavy, {num_requests} requests")
 fig = plots._finish(fig, "Simulator vs real engine", caption)
 plots.save_figure(fig, "07-simulator-fidelity", figures_dir)

@@ -30,7 +30,7 @@
 # Parameters (papermill overrides these)
 quick = False            # a small grid (the CI smoke test); writes under build/quick/
 run_experiments = True   # False: rebuild the figures from data/results alone
-model_path = None        # a local checkpoint directory: real runs of that model where supported
+model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 
 # %%
 EXPERIMENT = "08-paper-comparison"

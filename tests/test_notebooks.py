@@ -107,7 +107,7 @@ def test_sync_check_fails_on_an_edited_source_and_passes_once_regenerated(tmp_pa
 
     copy.write_text(text.replace("max_tokens = 32", "max_tokens = 33", 1))  # an edited line
     differences = pair_differences(copy, notebook)
-    assert len(differences) == 1 and differences[0] == ("cell 1 source line 8: 00-environment.py has 'max_tokens = 33', "
+    assert len(differences) == 1 and differences[0] == ("cell 1 source line 7: 00-environment.py has 'max_tokens = 33', "
                                                      "00-environment.ipynb 'max_tokens = 32'"), differences
 
     copy.write_text(text.replace('# %% tags=["parameters"]', "# %%", 1))  # the parameters tag dropped
@@ -136,14 +136,15 @@ def test_every_notebook_shares_the_common_parameters_and_setup():
         assert parameters == common_parameters, f"{path.name}: parameters differ from {NOTEBOOKS[0].name}'s"
         assert setup == common_setup, f"{path.name}: setup cell differs from {NOTEBOOKS[0].name}'s"
     assert [line.split("=")[0].strip() for line in common_parameters[1:]] == ["quick", "run_experiments",
-                                                                              "model_path"]
+                                                                              "model"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_quick(path, tmp_path):
+    """On the tiny ``demo`` checkpoint: the smoke test of the mechanics (``make reproduce`` runs the real model)."""
     import papermill
 
-    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"quick": True},
+    papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"quick": True, "model": "demo"},
                                cwd=str(ROOT / "notebooks"), kernel_name="python3", progress_bar=False)
     figures = ROOT / "build" / "quick" / "figures"
     for name in figure_names(path):

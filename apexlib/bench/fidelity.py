@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,27 +93,32 @@ def machine_drift(seconds: float = 10.0, interval: float = 0.5) -> dict[str, Any
                    "spread": max(values) / min(values)} for name, values in samples.items()}
 
 
-def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model: CostModel | str | Path, *,
+def fidelity(workload: Workload, engine_settings: BenchmarkSettings,
+             cost_model: CostModel | str | Path | Callable[[], CostModel], *,
              policies: Sequence[str] | None = None, mode: str = "offline", progress: bool = False,
              scheduler_overhead: float | str = "measured", results: list[BenchmarkResult] | None = None,
              repeats: int = 1):
     """Run ``workload`` through the real engine (``run_benchmark``) and the simulator, per policy.
 
-    ``engine_settings``: the engine's ``BenchmarkSettings`` (e.g. device="cpu", the tiny demo model);
-    its ``policy`` is replaced by each of ``policies`` (default: that one policy). ``cost_model``: a
-    ``TableCostModel`` (a profile of this machine) or the path of a profile JSON; the engine's neo/apex
-    decide on the same profile. Returns a DataFrame, one row per policy: measured and simulated output
-    throughput and mean/median TPOT, mean TTFT, iterations and preemptions, and the relative errors
-    ``(simulated - measured) / measured``, and the median per-iteration error overall and per mode
-    (:func:`compare_iterations`). Pass ``results`` (a list) to receive the runs' results.
-    ``scheduler_overhead`` goes to :func:`simulate` (default ``"measured"``: the engine pays for its
-    scheduler, which a profile does not time). Needs torch (the real engine).
+    ``engine_settings``: the engine's ``BenchmarkSettings`` (e.g. device="cpu", the smollm2 model); its
+    ``policy`` is replaced by each of ``policies`` (default: that one policy). ``cost_model``: a
+    ``TableCostModel`` (a profile of this machine), the path of a profile JSON, or a function that measures
+    one. The engine's neo/apex decide on the same profile the simulator runs. Returns a DataFrame, one row
+    per policy: measured and simulated output throughput and mean/median TPOT, mean TTFT, iterations and
+    preemptions, and the relative errors ``(simulated - measured) / measured``, and the median
+    per-iteration error overall and per mode (:func:`compare_iterations`). Pass ``results`` (a list) to
+    receive the runs' results. ``scheduler_overhead`` goes to :func:`simulate` (default ``"measured"``: the
+    engine pays for its scheduler, which a profile does not time). Needs torch (the real engine).
 
-    ``repeats`` > 1 runs the engine that many times per policy, the policies in alternating order from one
-    round to the next, and compares the simulator with the median of the runs (each measured figure is the
-    median of its runs; ``engine_output_throughput_runs`` lists them): a VM's speed moves by 10-20% from
-    one minute to the next, which a single run would count as simulator error. The simulator, which is
-    deterministic, runs once per policy.
+    ``repeats`` rounds run the engine once per policy each, the policies in alternating order from one
+    round to the next. With a fixed profile, the simulator (deterministic) runs once per policy and is
+    compared with the median of the rounds' runs. With a function, the profile is measured again before
+    every round (profile, run each policy, re-profile, run again, ...), the engine decides with it and each
+    round is compared with the simulator on the profile measured right before it: the comparison then
+    follows the machine's speed from one minute to the next instead of counting its drift as simulator
+    error. The reported errors are the medians of the rounds' errors (``error_*_rounds`` lists them) and
+    ``profile_linear_drift_rounds`` each round's linear-table level relative to the first round's (what
+    moved: the profile, or the engine).
 
     With device=cpu every engine gets at least one CPU-tier block: a profile is measured on the hybrid
     engine, whose CPU-attention worker takes a core from torch, and a gpu_only engine without a CPU tier
@@ -128,58 +133,77 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model:
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if not isinstance(cost_model, CostModel):
-        cost_model = TableCostModel.from_file(str(cost_model))
-    base = engine_settings.replace_engine(model=resolve_checkpoint(engine_settings.engine.model),
-                                          cost_model=cost_model)
+    if isinstance(cost_model, CostModel):
+        measure, fixed = None, cost_model
+    elif callable(cost_model):
+        measure, fixed = cost_model, None
+    else:
+        measure, fixed = None, TableCostModel.from_file(str(cost_model))
+    remeasure = measure is not None
+    base = engine_settings.replace_engine(model=resolve_checkpoint(engine_settings.engine.model))
     names = list(policies or (base.policy,))
 
-    def policy_settings(policy: str) -> BenchmarkSettings:
-        settings = base.replace_engine(policy=policy)
+    def policy_settings(policy: str, profile: CostModel) -> BenchmarkSettings:
+        settings = base.replace_engine(policy=policy, cost_model=profile)
         engine_args = settings.engine
         if engine_args.device == "cpu" and not engine_args.num_cpu_blocks and engine_args.cpu_kv_gib is None:
             settings = settings.replace_engine(num_cpu_blocks=1 if policy == "gpu_only" else None)
         return settings
 
-    runs: dict[str, list[tuple[BenchmarkResult, Any, float, float]]] = {policy: [] for policy in names}
+    def simulated_run(policy: str, profile: CostModel, config: Any) -> SimulationResult:
+        # the simulator gets the engine's resolved budgets and limits, not a copy of its arguments
+        return simulate(workload, policy_settings(policy, profile).replace_engine(
+            device=config.device, dtype=config.dtype, block_size=config.cache.block_size,
+            num_gpu_blocks=config.cache.num_gpu_blocks, num_cpu_blocks=config.cache.num_cpu_blocks,
+            gpu_kv_gib=None, cpu_kv_gib=None, max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_model_len=config.scheduler.max_model_len),
+            cost_model=profile, mode=mode, scheduler_overhead=scheduler_overhead)
+
+    profiles: list[CostModel] = []
+    runs: dict[str, list[tuple[BenchmarkResult, Any, float, float, int]]] = {policy: [] for policy in names}
     for round_index in range(repeats):
+        profiles.append(measure() if measure is not None else fixed)
         for policy in (names if round_index % 2 == 0 else names[::-1]):
-            settings = policy_settings(policy)
+            settings = policy_settings(policy, profiles[-1])
             engine = build_engine(settings, workload)
             load_before = _load_average()
             try:
                 measured = run_benchmark(workload, settings, mode=mode, progress=progress, engine=engine)
             finally:
                 engine.close()
-            load_after = _load_average()
-            runs[policy].append((measured, engine.config, load_before, load_after))
+            runs[policy].append((measured, engine.config, load_before, _load_average(), round_index))
+    metrics = ("output_throughput", "tpot_mean_s", "tpot_median_s", "ttft_mean_s", "duration_s")
     rows = []
     for policy in names:
-        settings = policy_settings(policy)
         config = runs[policy][0][1]
-        # the simulator gets the engine's resolved budgets and limits, not a copy of its arguments
-        simulated = simulate(workload, settings.replace_engine(
-            device=config.device, dtype=config.dtype, block_size=config.cache.block_size,
-            num_gpu_blocks=config.cache.num_gpu_blocks, num_cpu_blocks=config.cache.num_cpu_blocks,
-            gpu_kv_gib=None, cpu_kv_gib=None, max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_model_len=config.scheduler.max_model_len),
-            cost_model=cost_model, mode=mode, scheduler_overhead=scheduler_overhead)
+        sims = {} if remeasure else {0: simulated_run(policy, profiles[0], config)}
+        if remeasure:
+            sims = {run[4]: simulated_run(policy, profiles[run[4]], run[1]) for run in runs[policy]}
         summaries = [run[0].summary_row() for run in runs[policy]]
+        sim_rows = [sims[run[4] if remeasure else 0].summary_row() for run in runs[policy]]
         # the run whose throughput is the median one stands for the engine in the per-iteration comparison
         order = sorted(range(len(summaries)), key=lambda i: summaries[i]["output_throughput"])
-        measured = runs[policy][order[len(order) // 2]][0]
+        middle = order[len(order) // 2]
+        measured = runs[policy][middle][0]
+        simulated = sims[runs[policy][middle][4] if remeasure else 0]
         if results is not None:
             results.extend([measured, simulated])
-        sim = simulated.summary_row()
         row: dict[str, Any] = {"policy": policy, "workload": workload.name, "num_requests": len(workload),
-                               "num_gpu_blocks": config.cache.num_gpu_blocks, "cost_model": cost_model.source,
-                               "engine_runs": len(summaries)}
-        for key in ("output_throughput", "tpot_mean_s", "tpot_median_s", "ttft_mean_s", "duration_s"):
+                               "num_gpu_blocks": config.cache.num_gpu_blocks, "cost_model": profiles[0].source,
+                               "engine_runs": len(summaries), "profiles": len(profiles)}
+        for key in metrics:
             row[f"engine_{key}"] = statistics.median(summary[key] for summary in summaries)
-            row[f"sim_{key}"] = sim[key]
-            row[f"error_{key}"] = _relative_error(sim[key], row[f"engine_{key}"])
+            row[f"sim_{key}"] = statistics.median(sim[key] for sim in sim_rows)
+            errors = [_relative_error(sim[key], summary[key]) for sim, summary in zip(sim_rows, summaries, strict=True)]
+            row[f"error_{key}"] = (statistics.median(errors) if remeasure
+                                   else _relative_error(row[f"sim_{key}"], row[f"engine_{key}"]))
+            if remeasure and key in ("output_throughput", "tpot_mean_s"):
+                row[f"error_{key}_rounds"] = json.dumps([round(e, 4) for e in errors])
         row["engine_output_throughput_runs"] = json.dumps([round(s["output_throughput"], 3) for s in summaries])
+        if remeasure:
+            row["profile_linear_drift_rounds"] = json.dumps([round(_linear_level(p) / _linear_level(profiles[0]), 4)
+                                                             for p in profiles])
         # other processes on the cores slow the engine, not the simulator: keep the load next to the errors
         row["load_average_1min"] = (min(run[2] for run in runs[policy]), max(run[3] for run in runs[policy]))
         row["engine_iterations"] = measured.provenance["engine_iterations"]
@@ -196,3 +220,12 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings, cost_model:
                 sort_keys=True)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _linear_level(profile: CostModel) -> float:
+    """The median of a table profile's linear-work seconds (NaN for other cost models): its speed level."""
+    import statistics
+
+    tables = (getattr(profile, "profile", None) or {}).get("tables", {})
+    seconds = tables.get("linear", {}).get("seconds") or []
+    return statistics.median(seconds) if seconds else math.nan

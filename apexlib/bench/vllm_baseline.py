@@ -83,7 +83,9 @@ def find_vllm_python(device: str = "cpu", python: str | os.PathLike[str] | None 
     if python is None and os.environ.get("APEX_VLLM_PYTHON"):
         python = os.environ["APEX_VLLM_PYTHON"]
     if python is not None:
-        candidate = Path(python)
+        # absolute, not resolved: a venv's python is a symlink to the base interpreter, and the worker runs
+        # in another directory
+        candidate = Path(python).absolute()
         origin = "the given vLLM python"
     elif device.startswith("cuda"):
         candidate = CUDA_VENV / "bin" / "python"

@@ -36,7 +36,7 @@ DEFAULT_HOST_KV_GIB = 2.0
 #: One line of help per ``EngineArgs`` field: the CLI builds every engine flag of ``generate``, ``serve``,
 #: ``bench``, ``simulate`` and ``profile`` from the fields and this table (``apexlib.cli.add_engine_arguments``).
 ENGINE_ARG_HELP: dict[str, str] = {
-    "model": "checkpoint directory or tiny preset name (e.g. demo)",
+    "model": "checkpoint directory, named checkpoint (smollm2: built once into the model cache) or tiny preset (demo)",
     "dtype": "float32, float16, bfloat16 or auto (the checkpoint's; float16 runs as bfloat16 on a CPU)",
     "device": "cpu, cuda, cuda:N or auto",
     "block_size": "tokens per KV block",

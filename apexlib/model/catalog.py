@@ -354,10 +354,34 @@ def provenance(model_path: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def model_label(model_path: str | Path) -> str:
+    """A short name of the model at ``model_path`` for file names: a named checkpoint's name
+    (``smollm2``), a tiny preset's shape name (``tiny-demo``), else the directory's name."""
+    built = provenance(model_path)
+    if built:
+        return built["model"]
+    name = Path(model_path).name
+    return "tiny-" + name.split("-seed")[0] if "-seed" in name else name
+
+
 def model_title(model_path: str | Path) -> str:
     """How a figure or a result names the model at ``model_path``."""
     built = provenance(model_path)
-    return built["title"] if built else Path(model_path).name
+    if built:
+        return built["title"]
+    label = model_label(model_path)
+    return f"{label} (random weights)" if label.startswith("tiny-") else label
+
+
+def describe_model(model: str | os.PathLike[str]) -> tuple[str, str]:
+    """(label, title) of a ``model`` argument without building anything: a named checkpoint's name and
+    title, a tiny preset's shape name, a directory's (from its provenance when it has one)."""
+    name = str(model)
+    if name in NAMED_CHECKPOINTS:
+        return name, NAMED_CHECKPOINTS[name].title
+    if Path(name).expanduser().is_dir():
+        return model_label(Path(name).expanduser()), model_title(Path(name).expanduser())
+    return f"tiny-{name}", f"tiny-{name} (random weights)"
 
 
 def resolve_checkpoint(model: str | os.PathLike[str]) -> str:

@@ -63,7 +63,7 @@ from apexlib.costs import (
     shape_from_plan,
 )
 from apexlib.costs.table import DecodeFit, Grid
-from apexlib.model.catalog import resolve_checkpoint
+from apexlib.model.catalog import model_label, model_title, resolve_checkpoint
 from apexlib.profiling.calibrate import calibration_runs, fit_hybrid
 
 logger = logging.getLogger(__name__)
@@ -382,7 +382,8 @@ def profile_model(settings: ProfileSettings) -> dict[str, Any]:
             "label": f"measured on {info['cpu_model']}, {where}, {date}",
             "units": "seconds for the whole model (all layers) of one iteration",
             "provenance": info,
-            "model": {"path": model_path, "name": Path(model_path).name, "dtype": engine.config.dtype,
+            "model": {"path": model_path, "name": model_label(model_path), "title": model_title(model_path),
+                      "dtype": engine.config.dtype,
                       "block_size": engine.config.cache.block_size,
                       **{k: v for k, v in vars(config).items() if k not in ("path",)}},
             "model_shape": shape.to_dict(),
