@@ -358,3 +358,67 @@ def test_reserve_covers_the_attention_working_set():
     assert workspace >= (2 * 4096 + 2 * 2048) * 32 * 128 * 2
     plain = 2048 * 4 * (4096 * 4 + 11008 * 3 + 32000) + 512 * 2**20
     assert activation_reserve_bytes(config, 2048, 4096) == plain + workspace
+
+
+# -- on a CUDA device (gpu-check's cuda-tests step runs these first) ------------------------------------
+from conftest import requires_cuda  # noqa: E402
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_swaps_between_a_cuda_tier_and_the_host_tier_on_cuda(monkeypatch):
+    monkeypatch.setattr(kv_storage, "STAGING_BYTES", 0)  # the least: chunks of one block, both buffers in turn
+    host = _tier(16, 0)
+    device = KVStorage(num_layers=3, num_blocks=12, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.float32,
+                       device="cuda")
+    device.kv.zero_()
+    pairs = [(15, 0), (3, 7), (8, 2), (0, 11), (9, 5)]
+    copy_blocks(host, device, pairs)
+    staging = host.staging(device.device)
+    assert staging.blocks_per_chunk == 1 and all(buffer.is_pinned() for buffer in staging.buffers)
+    assert not host.kv.is_pinned()
+    for src, dst in pairs:
+        torch.testing.assert_close(device.kv[:, :, dst].cpu(), host.kv[:, :, src], rtol=0, atol=0)
+    device.kv.mul_(2.0)  # queued on the device before the copy back: the host must see it
+    back = [(0, 1), (7, 4), (11, 6), (2, 9)]
+    copy_blocks(device, host, back)
+    for src, dst in back:
+        torch.testing.assert_close(host.kv[:, :, dst], device.kv[:, :, src].cpu(), rtol=0, atol=0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_reference_attention_runs_on_fused_kernels_on_cuda(dtype):
+    """With SDPA's math path disabled, every prefill and decode still runs (flash or memory-efficient)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend, inputs, expected = _mixed_batch(3)
+    query, key, value, key_cache, value_cache, metadata = inputs
+    on = lambda t: t.to("cuda", dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    moved = dataclasses.replace(metadata, context_lens=on(metadata.context_lens),
+                                block_tables=on(metadata.block_tables), slot_mapping=on(metadata.slot_mapping))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        out = backend.forward(on(query), on(key), on(value), on(key_cache), on(value_cache), moved)
+    torch.cuda.synchronize()
+    tolerance = 2e-2 if dtype == torch.float16 else 1e-4
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=tolerance, atol=tolerance)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_close_returns_the_device_memory_on_cuda(tiny_path):
+    from apexlib.engine.engine import LLMEngine
+
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    arguments = dict(model=str(tiny_path("gqa")), device="cuda", dtype="float32", max_model_len=128, max_num_seqs=8)
+    first = LLMEngine(EngineArgs(**arguments))
+    assert first.device_memory is not None and first.device_memory.total > 0
+    assert torch.cuda.memory_allocated() > baseline
+    first.close()
+    assert torch.cuda.memory_allocated() <= baseline
+    with LLMEngine(EngineArgs(**arguments)) as second:
+        assert second.config.cache.num_gpu_blocks == first.config.cache.num_gpu_blocks
+    capability = torch.cuda.get_device_capability()
+    assert second.config.dtype == "float32" and capability >= (5, 0)

@@ -67,11 +67,13 @@ class KVStorage:
 
 
 class HostStaging:
-    """Two pinned host buffers of ``blocks_per_chunk`` blocks each, through which block copies between
-    a host tier and a device tier go; ``pin=False`` (tests, ``device=cpu``) uses pageable memory."""
+    """Two pinned host buffers of ``blocks_per_chunk`` blocks each (together at most ``max_bytes``, default
+    :data:`STAGING_BYTES`, but one block each at least), through which block copies between a host tier
+    and a device tier go; ``pin=False`` (tests) uses pageable memory."""
 
-    def __init__(self, host_kv: torch.Tensor, device: torch.device, max_bytes: int = STAGING_BYTES,
+    def __init__(self, host_kv: torch.Tensor, device: torch.device, max_bytes: int | None = None,
                  pin: bool | None = None) -> None:
+        max_bytes = STAGING_BYTES if max_bytes is None else max_bytes
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         pin = self.cuda if pin is None else pin
