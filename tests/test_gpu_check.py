@@ -65,8 +65,9 @@ def test_llama_2_7b_shape_and_its_t4_kv_cap():
     assert abs(LLAMA_2_7B.num_parameters() - 6_738_415_616) == 0  # Llama-2-7B's parameter count
     config = model_config_for_shape("llama-2-7b")
     gib, reason = t4_gpu_kv_gib(config, LLAMA_2_7B.num_parameters() * 2)
-    # 15 GiB - 12.55 GiB of weights - 1.12 GiB activation reserve = 1.33 GiB, x 0.9
-    assert gib == pytest.approx(1.196, abs=0.01)
+    # 15 GiB - 12.55 GiB of weights - 1.25 GiB activation reserve (1.12 GiB of activations, logits and
+    # libraries + 0.125 GiB decode gather of 8192 padded tokens) = 1.20 GiB, x 0.9
+    assert gib == pytest.approx(1.082, abs=0.01)
     assert "T4" in reason and "12.55 GiB" in reason
     with pytest.raises(ValueError, match="do not fit in a T4"):
         t4_gpu_kv_gib(config, 15 * 1024**3)
