@@ -312,6 +312,48 @@ def test_decode_in_groups_matches_one_gather(monkeypatch):
     torch.testing.assert_close(backend.forward(*inputs), expected, rtol=1e-4, atol=1e-5)
 
 
+# -- cuda:N ------------------------------------------------------------------------------------------------
+def test_cuda_n_becomes_the_current_device_before_anything_is_loaded(monkeypatch, tiny_path):
+    from apexlib.engine import engine as engine_module
+
+    calls = []
+
+    class Loaded(Exception):
+        pass
+
+    def load_model(*args):
+        calls.append(("load", args[-1]))
+        raise Loaded
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(engine_module, "load_model", load_model)
+    with pytest.raises(Loaded):
+        engine_module.LLMEngine(EngineArgs(model=str(tiny_path("gqa")), device="cuda:1"))
+    assert calls == [("set_device", "cuda:1"), ("load", "cuda:1")]
+
+
+def test_the_subtask_clock_records_on_the_runner_devices_stream(monkeypatch):
+    """The clock's events go on cuda:N's current stream, not on the thread's current device's."""
+    from apexlib.runner import model_runner
+
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    clock = model_runner._SubtaskClock(torch.device("cuda:1"), enabled=True)
+    clock.stop("linear", clock.start())
+    assert recorded == ["stream of cuda:1", "stream of cuda:1"]
+
+
 # -- dtype, reserve, limits -----------------------------------------------------------------------------
 def _model_config(dtype: str = "bfloat16", **overrides) -> ModelConfig:
     fields = dict(path="x", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
