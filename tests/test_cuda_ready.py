@@ -326,12 +326,21 @@ def test_cuda_n_becomes_the_current_device_before_anything_is_loaded(monkeypatch
         raise Loaded
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    def set_device(device):
+        if torch.device(device).index is None:  # as torch does
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+        calls.append(("set_device", str(device)))
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(engine_module, "load_model", load_model)
     with pytest.raises(Loaded):
         engine_module.LLMEngine(EngineArgs(model=str(tiny_path("gqa")), device="cuda:1"))
     assert calls == [("set_device", "cuda:1"), ("load", "cuda:1")]
+    calls.clear()
+    with pytest.raises(Loaded):  # plain "cuda" is the current device already
+        engine_module.LLMEngine(EngineArgs(model=str(tiny_path("gqa")), device="cuda"))
+    assert calls == [("load", "cuda")]
 
 
 def test_the_subtask_clock_records_on_the_runner_devices_stream(monkeypatch):

@@ -168,7 +168,7 @@ def decode_attention_reference(query: torch.Tensor, key_cache: torch.Tensor, val
         slots = torch.where(valid, slots, slots[:, :1])
         keys = flat_keys[slots].to(query.dtype).permute(0, 2, 1, 3)  # [b, KVH, longest, D]
         values = flat_values[slots].to(query.dtype).permute(0, 2, 1, 3)
-        q = query[first:last].view(rows, kv_heads, group, head_dim)
+        q = query[first:last].reshape(rows, kv_heads, group, head_dim)
         mask = valid.view(rows, 1, 1, longest)
         result = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [b, KVH, group, D]
         out[first:last] = result.reshape(rows, heads, head_dim)

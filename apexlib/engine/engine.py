@@ -140,8 +140,9 @@ class LLMEngine:
         self._closed = False
         model_config = ModelConfig.from_pretrained(resolve_checkpoint(args.model))
         device = resolve_device(args.device)
-        if device.startswith("cuda"):
-            # the default CUDA device of this thread: streams, events and the subtask clock's events use it
+        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            # cuda:N becomes this thread's current device (what an index-less stream or event call uses);
+            # plain "cuda" already is the current one, and set_device refuses a device without an index
             torch.cuda.set_device(torch.device(device))
         dtype = args.resolve_dtype(model_config, device, compute_capability(device))
         self.model = load_model(model_config, dtype, device)

@@ -82,7 +82,7 @@ class HostStaging:
         block_bytes = math.prod(self.block_shape) * host_kv.element_size()
         self.blocks_per_chunk = max(1, max_bytes // (2 * block_bytes))
         numel = self.blocks_per_chunk * math.prod(self.block_shape)
-        # pinned memory from torch's host allocator: a power-of-two byte count is not rounded up further
+        # pinned by torch's host allocator, which rounds each buffer up to a power of two (<= 2x the bound)
         self.buffers = [torch.empty(numel, dtype=host_kv.dtype, pin_memory=pin) for _ in range(2)]
         self.events: list[torch.cuda.Event | None] = [None, None]
         self.num_chunks = 0  # chunks moved so far (tests read it)
