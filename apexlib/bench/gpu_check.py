@@ -96,6 +96,9 @@ CPU_MAX_PARAMETERS = 50_000_000
 EXIT_STEP_FAILED = 1
 EXIT_TIME_LIMIT = 3
 
+#: the longest the kernels step waits for the compile (a first one on a fresh machine)
+KERNEL_COMPILE_TIMEOUT_S = 300
+
 
 @dataclass(frozen=True)
 class CheckSize:
@@ -158,8 +161,9 @@ TINY = TinyModelSpec(hidden_size=128, intermediate_size=256, num_hidden_layers=2
 
 SIZES: dict[str, CheckSize] = {
     # Budgets are estimates for one H100/H200 with 16 host cores (not yet measured there: steps.json
-    # records each step's time against its budget); their sum (465 s) stays under the 480 s limit.
-    # cuda-tests come first and may wait for the CPU kernels' compile (started with the run).
+    # records each step's time against its budget); their sum (475 s) stays under the 480 s limit.
+    # cuda-tests come first; the hybrid ones wait for the CPU kernels' compile (started with the run),
+    # so on a fresh machine the compile's time falls in that step and the kernels step only joins it.
     "llama-2-7b": CheckSize(
         name="llama-2-7b", spec=LLAMA_2_7B, dtype="float16", num_requests=32, prompt_range=(96, 160),
         output_range=(192, 320), kv_cap="t4", num_gpu_blocks=None,
@@ -170,7 +174,7 @@ SIZES: dict[str, CheckSize] = {
         # per linear row) and their random fill
         profile_grid={"linear_tokens": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)},
         calibration_requests=None,
-        budgets={"cuda-tests": 90, "checkpoint": 60, "kernels": 15, "plan": 10, "profile": 150,
+        budgets={"cuda-tests": 120, "checkpoint": 60, "kernels": 5, "plan": 10, "profile": 140,
                  "bench-gpu_only": 45, "bench-neo": 45, "bench-apex": 45, "report": 5},
         time_limit_s=480,
         note="Llama-2-7B shape, random fp16 weights; GPU KV capped to a T4's"),
@@ -180,9 +184,10 @@ SIZES: dict[str, CheckSize] = {
         # 48 blocks of 16 tokens: three of the 16 requests at once, the rest decode on the CPU tier
         kv_cap="blocks", num_gpu_blocks=48, with_tokenizer=False, profile_repetitions=2, profile_warmup=1,
         profile_grid={"linear_tokens": (1, 4, 16, 64, 256)}, calibration_requests=0,
+        # the smoke run's budgets sum to 175 s; the limit leaves room for a slow first kernel compile
         budgets={"cuda-tests": 90, "checkpoint": 15, "kernels": 10, "plan": 10, "profile": 30,
                  "bench-gpu_only": 15, "bench-neo": 15, "bench-apex": 15, "report": 5},
-        time_limit_s=180,
+        time_limit_s=240,
         note="small GQA shape (0.5B), random fp16 weights: the smoke run"),
     "tiny": CheckSize(
         name="tiny", spec=TINY, dtype="float32", num_requests=8, prompt_range=(16, 48), output_range=(16, 32),
@@ -738,7 +743,7 @@ def run_gpu_check(*, device: str = "cuda", size: str = "llama-2-7b", out_dir: st
         return detail
 
     steps.run("checkpoint", checkpoint)
-    steps.run("kernels", lambda: kernels.wait(timeout_s=4 * check.budgets["kernels"]))
+    steps.run("kernels", lambda: kernels.wait(timeout_s=max(KERNEL_COMPILE_TIMEOUT_S, 4 * check.budgets["kernels"])))
 
     def plan() -> str:
         report.plan = make_plan(check, state["model"], num_requests)
