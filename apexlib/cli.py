@@ -389,7 +389,7 @@ def _gpu_check(args: argparse.Namespace) -> int:
     try:
         report = run_gpu_check(device=args.device, size=args.size, out_dir=args.out,
                                checkpoint_dir=args.checkpoint_dir, skip_tests=args.skip_tests,
-                               time_limit_s=args.time_limit, num_requests=args.num_requests,
+                               time_limit_s=args.time_limit, num_requests=args.num_requests, smoke=args.smoke,
                                command="apex gpu-check " + " ".join(args.argv))
     except (StepFailed, TimeLimitReached) as error:
         if error.report is not None:  # what ran before it
@@ -599,8 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "data/results/gpu-check/<device>-<size>/ and prints engine vs simulator per policy and each "
                     "step's time. Exit 1: a step failed (named); 2: bad input or no CUDA; 3: time limit.")
     gpu_check.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (with --size tiny: a rehearsal)")
-    gpu_check.add_argument("--size", default="llama-2-7b", choices=["llama-2-7b", "tiny"],
-                           help="model shape and workload size (tiny: hidden 128, 2 layers, 8 requests)")
+    gpu_check.add_argument("--size", default="llama-2-7b", choices=["llama-2-7b", "small", "tiny"],
+                           help="model shape and workload size (small: 0.5B GQA, 16 requests; tiny: hidden 128, "
+                                "2 layers, 8 requests)")
+    gpu_check.add_argument("--smoke", action="store_true",
+                           help="a first contact (< 3 min on a GPU): the small shape instead of llama-2-7b, one "
+                                "policy (apex)")
     gpu_check.add_argument("--out", default=None, help="results directory (default: data/results/gpu-check/"
                                                        "<device>-<size>)")
     gpu_check.add_argument("--checkpoint-dir", default=None,

@@ -128,9 +128,9 @@ def test_decode_reference_ignores_garbage_in_unused_cache_rows():
     tables = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     lens = torch.tensor([5, 8], dtype=torch.int32)
     query = torch.randn(2, 4, 16)
-    clean = decode_attention_reference(query, key_cache, value_cache, tables, lens)
+    clean = decode_attention_reference(query, key_cache, value_cache, tables, lens, (5, 8))
     key_cache[1, 1:] = float("nan")  # rows 5..7 of sequence 0: beyond its context
     value_cache[1, 1:] = float("nan")
-    dirty = decode_attention_reference(query, key_cache, value_cache, tables, lens)
+    dirty = decode_attention_reference(query, key_cache, value_cache, tables, lens, (5, 8))
     assert torch.isfinite(dirty).all()
     torch.testing.assert_close(dirty, clean)

@@ -97,12 +97,16 @@ def run_benchmark(workload: Workload, settings: BenchmarkSettings | None = None,
     """Run ``workload`` on apexlib's ``LLMEngine`` and return its :class:`BenchmarkResult`.
 
     ``engine``: an already built ``LLMEngine`` to reuse (its own settings then apply; ``settings`` only
-    supplies the bench options); otherwise one is built from ``settings`` (:func:`build_engine`).
+    supplies the bench options; the caller closes it); otherwise one is built from ``settings``
+    (:func:`build_engine`) and closed before this returns, so that a loop over runs never holds two
+    engines' weights and KV pools at once.
     """
     settings = settings or BenchmarkSettings.create()
     mode = resolve_mode(workload, mode)
     if engine is None:
-        engine = build_engine(settings, workload)
+        with build_engine(settings, workload) as owned:
+            return run_benchmark(workload, settings, mode=mode, experiment=experiment, progress=progress,
+                                 engine=owned)
     config = engine.config
     model_config = config.model
     reserved = special_token_ids(model_config.path, model_config.vocab_size)

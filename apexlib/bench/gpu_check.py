@@ -8,23 +8,28 @@ asynchronous CUDA error surfaces in the step that caused it), and the first exce
 with the step's name (:class:`StepFailed`, exit 1). No step starts when the time used plus its budget
 would pass the time limit (:class:`TimeLimitReached`, exit 3), so a run within budgets ends in time.
 
+``cuda-tests``
+    ``pytest -m cuda`` on the CUDA tests (a subprocess; junit XML parsed: every test must pass, none
+    may skip), first, so a broken CUDA path ends the run in a minute or two, before the checkpoint is
+    built. Skipped, with the reason, when ``device=cpu``.
 ``checkpoint``
     a random-weight checkpoint of the size's shape (Llama-2-7B: hidden 4096, intermediate 11008, 32
     layers, 32 heads, 32 KV heads, vocab 32000, fp16, ~13.5 GB), streamed shard by shard from a
     generator on the device (:func:`apexlib.model.tiny.write_random_checkpoint`), built once into
-    ``build/gpu-check/checkpoints/`` and reused. Meanwhile a thread compiles the CPU kernels (a fresh
-    machine has no kernel cache; the compile takes a minute or more).
+    ``build/gpu-check/checkpoints/`` and reused. From the start of the run a thread compiles the CPU
+    kernels (a fresh machine has no kernel cache; the compile takes a minute or more).
 ``kernels``
     waits for that compile (``apexlib.kernels.build.load``).
-``cuda-tests``
-    ``pytest -m cuda`` on the CUDA tests (a subprocess; junit XML parsed: every test must pass, none
-    may skip). Skipped, with the reason, when ``device=cpu``.
 ``plan``
-    the workload (the ``t4-decode-heavy`` preset, shortened), the GPU KV cap and the CPU KV budget.
+    the workload (the ``t4-decode-heavy`` preset, shortened), the GPU KV cap and the CPU KV budget. On
+    CUDA also the device's memory as the engine's sizing sees it: ``total_memory``, free memory right
+    after the CUDA context exists and after this process loaded the weights (``device_memory``: what
+    the T4 memory assumption of :mod:`apexlib.costs.assumptions` stands for).
     A big GPU imitates a small one by capping its KV pool only, never by scaling times: the cap is
     what the engine itself would size on a T4 (:func:`t4_gpu_kv_gib`).
 ``profile``
-    ``apex profile --quick`` of the checkpoint on this device (:func:`~apexlib.profiling.profiler.profile_model`).
+    ``apex profile --quick`` of the checkpoint on this device (:func:`~apexlib.profiling.profiler.profile_model`);
+    each engine it builds is closed (weights and pools released) before the next one is built.
 ``bench-gpu_only``, ``bench-neo``, ``bench-apex``
     the workload through the real engine (``run_benchmark``) and through the simulator with the
     measured profile (:func:`apexlib.sim.simulator.fidelity`).
@@ -35,10 +40,15 @@ Everything lands in ``data/results/gpu-check/<device>-<size>/``: ``comparison.cs
 per policy, engine next to simulator, with the device provenance), ``rows.csv``/``meta.json`` (every
 request of every run, engine and simulator), ``profile.json``, ``plan.json``, ``environment.json``,
 ``steps.json`` (rewritten after each step, so a run stopped half-way still says how far it got) and
-the CUDA tests' ``cuda-tests.xml``/``.log``.
+the CUDA tests' ``cuda-tests.xml``/``.log``, and ``results.tgz`` holding all of them (rewritten after each
+step: a remote runner may hand back only a few files).
 
-``size="tiny"`` (hidden 128, 2 layers) runs the same pipeline in well under a minute with ``device=cpu``;
-that is how the tests exercise every part but ``pytest -m cuda``.
+``smoke=True`` (``--smoke``): a first contact in under 3 minutes on a GPU: the ``small`` shape (0.5B,
+grouped-query attention) instead of Llama-2-7B, one policy (apex, which runs GPU-tier and CPU-tier
+requests), no engine calibration runs; results in ``<device>-small-smoke/``.
+
+``size="tiny"`` (hidden 128, 2 layers) runs the same pipeline in well under a minute with ``device=cpu``
+(``--smoke`` too: one policy); that is how the tests exercise every part but ``pytest -m cuda``.
 """
 
 from __future__ import annotations
@@ -68,14 +78,26 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_RESULTS_DIR = ROOT / "data" / "results" / "gpu-check"
 DEFAULT_CHECKPOINT_DIR = ROOT / "build" / "gpu-check" / "checkpoints"
-CUDA_TEST_FILES = ("tests/test_hybrid.py", "tests/test_parity.py")
+# the CUDA tests, the quickest first (a broken CUDA path fails before anything heavy runs)
+CUDA_TEST_FILES = ("tests/test_cuda_ready.py", "tests/test_parity.py", "tests/test_hybrid.py")
 POLICIES = ("gpu_only", "neo", "apex")
+#: ``--smoke``: one hybrid policy (it runs GPU-tier and CPU-tier requests) on a small shape
+SMOKE_POLICIES = ("apex",)
+#: the size a ``--smoke`` run uses instead of each size
+SMOKE_SIZES = {"llama-2-7b": "small", "small": "small", "tiny": "tiny"}
+RESULTS_ARCHIVE = "results.tgz"
 WORKLOAD_PRESET = "t4-decode-heavy"
 GIB = 1024**3
+
+#: Larger shapes are refused with --device cpu (a profile of them would take minutes to hours there).
+CPU_MAX_PARAMETERS = 50_000_000
 
 #: Exit codes of the CLI: a step failed, or the run passed its time limit (2: bad input / no CUDA).
 EXIT_STEP_FAILED = 1
 EXIT_TIME_LIMIT = 3
+
+#: the longest the kernels step waits for the compile (a first one on a fresh machine)
+KERNEL_COMPILE_TIMEOUT_S = 300
 
 
 @dataclass(frozen=True)
@@ -117,19 +139,31 @@ class CheckSize:
             raise ValueError(f"size {self.name!r}: budgets lack step(s) {missing}")
 
 
-STEPS = ("checkpoint", "kernels", "cuda-tests", "plan", "profile", *(f"bench-{policy}" for policy in POLICIES), "report")
+STEPS = ("cuda-tests", "checkpoint", "kernels", "plan", "profile", *(f"bench-{policy}" for policy in POLICIES), "report")
+
+
+def steps_of(policies: Sequence[str]) -> tuple[str, ...]:
+    """The steps of a run over ``policies``, in order."""
+    return ("cuda-tests", "checkpoint", "kernels", "plan", "profile", *(f"bench-{policy}" for policy in policies),
+            "report")
 
 LLAMA_2_7B = TinyModelSpec(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                            num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
                            max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, dtype="float16",
                            name="llama-2-7b-random")
+# a ~0.5B Llama shape with grouped-query attention (the CUDA GQA paths) for the smoke run
+SMALL = TinyModelSpec(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                      num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0,
+                      rms_norm_eps=1e-5, dtype="float16", name="small-gqa-random")
 TINY = TinyModelSpec(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024, dtype="float32",
                      name="gpu-check-tiny")
 
 SIZES: dict[str, CheckSize] = {
-    # Budgets are estimates for one H100/H200 with 16 host cores (not yet measured there); their sum
-    # (475 s) stays under the 480 s limit.
+    # Budgets are estimates for one H100/H200 with 16 host cores (not yet measured there: steps.json
+    # records each step's time against its budget); their sum (475 s) stays under the 480 s limit.
+    # cuda-tests come first; the hybrid ones wait for the CPU kernels' compile (started with the run),
+    # so on a fresh machine the compile's time falls in that step and the kernels step only joins it.
     "llama-2-7b": CheckSize(
         name="llama-2-7b", spec=LLAMA_2_7B, dtype="float16", num_requests=32, prompt_range=(96, 160),
         output_range=(192, 320), kv_cap="t4", num_gpu_blocks=None,
@@ -140,10 +174,21 @@ SIZES: dict[str, CheckSize] = {
         # per linear row) and their random fill
         profile_grid={"linear_tokens": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)},
         calibration_requests=None,
-        budgets={"checkpoint": 60, "kernels": 75, "cuda-tests": 45, "plan": 5, "profile": 150,
+        budgets={"cuda-tests": 120, "checkpoint": 60, "kernels": 5, "plan": 10, "profile": 140,
                  "bench-gpu_only": 45, "bench-neo": 45, "bench-apex": 45, "report": 5},
         time_limit_s=480,
         note="Llama-2-7B shape, random fp16 weights; GPU KV capped to a T4's"),
+    # --smoke on a GPU: a first contact in under 3 minutes (one policy, no engine calibration runs)
+    "small": CheckSize(
+        name="small", spec=SMALL, dtype="float16", num_requests=16, prompt_range=(64, 128), output_range=(64, 128),
+        # 48 blocks of 16 tokens: three of the 16 requests at once, the rest decode on the CPU tier
+        kv_cap="blocks", num_gpu_blocks=48, with_tokenizer=False, profile_repetitions=2, profile_warmup=1,
+        profile_grid={"linear_tokens": (1, 4, 16, 64, 256)}, calibration_requests=0,
+        # the smoke run's budgets sum to 175 s; the limit leaves room for a slow first kernel compile
+        budgets={"cuda-tests": 90, "checkpoint": 15, "kernels": 10, "plan": 10, "profile": 30,
+                 "bench-gpu_only": 15, "bench-neo": 15, "bench-apex": 15, "report": 5},
+        time_limit_s=240,
+        note="small GQA shape (0.5B), random fp16 weights: the smoke run"),
     "tiny": CheckSize(
         name="tiny", spec=TINY, dtype="float32", num_requests=8, prompt_range=(16, 48), output_range=(16, 32),
         # 8 blocks of 16 tokens: two or three of the 8 requests fit, the rest decode on the CPU tier
@@ -154,7 +199,7 @@ SIZES: dict[str, CheckSize] = {
                       "decode_batches": (1, 4, 16), "decode_contexts": (16, 64, 256), "transfer_blocks": (1, 16),
                       "hybrid_gpu_batches": (1, 4), "hybrid_cpu_batches": (2, 8), "hybrid_contexts": (64,)},
         calibration_requests=0,
-        budgets={"checkpoint": 10, "kernels": 600, "cuda-tests": 60, "plan": 5, "profile": 40,
+        budgets={"cuda-tests": 60, "checkpoint": 10, "kernels": 600, "plan": 5, "profile": 40,
                  "bench-gpu_only": 10, "bench-neo": 10, "bench-apex": 10, "report": 5},
         time_limit_s=900,  # a first kernel compile on a 2-core machine takes minutes
         note="tiny shape (CPU rehearsal of the pipeline)"),
@@ -222,9 +267,9 @@ def resolve_check_device(device: str, size: CheckSize) -> str:
     import torch
 
     if device == "cpu":
-        if size.kv_cap == "t4":
+        if size.spec.num_parameters() > CPU_MAX_PARAMETERS:
             raise ValueError(f"--size {size.name} needs --device cuda (the {size.spec.num_parameters() / 1e9:.1f}B "
-                             f"profile alone would take hours on a CPU); rehearse on CPU with --size tiny")
+                             f"profile alone would take far too long on a CPU); rehearse on CPU with --size tiny")
         return device
     if not re.fullmatch(r"cuda(:\d+)?", device):
         raise ValueError(f"--device must be cuda, cuda:N or cpu, got {device!r}")
@@ -254,10 +299,22 @@ def device_provenance(device: str) -> dict[str, Any]:
         "torch": env["torch"], "cuda": env["cuda"],
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "nvidia_driver": _nvidia_driver() if cuda else None,
+        **(_memory_after_init(device) if cuda else {}),
         **{key: env[key] for key in ("gpus", "cpu_model", "cpu_count", "cpu_affinity", "simd", "memory_gib",
                                      "git_commit", "apexlib_version", "python", "platform")},
     }
     return info
+
+
+def _memory_after_init(device: str) -> dict[str, Any]:
+    """The device's total memory and what ``mem_get_info`` leaves free right after the CUDA context exists."""
+    import torch
+
+    torch.cuda.init()
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    properties = torch.cuda.get_device_properties(torch.device(device))
+    return {"total_memory": int(properties.total_memory), "mem_get_info_total": int(total),
+            "free_after_cuda_init": int(free), "compute_capability": f"{properties.major}.{properties.minor}"}
 
 
 def _nvidia_driver() -> str | None:
@@ -370,26 +427,32 @@ def checkpoint_weight_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in path.glob("*.safetensors"))
 
 
-def t4_gpu_kv_gib(model_config: Any, weight_bytes: int, max_num_batched_tokens: int | None = None) -> tuple[float, str]:
+def t4_gpu_kv_gib(model_config: Any, weight_bytes: int, max_num_batched_tokens: int | None = None,
+                  scenario: str = "central") -> tuple[float, str]:
     """The GPU KV budget the engine would size on a T4 next to these weights, and how it is derived.
 
     The engine's own rule (``EngineArgs.create_engine_config``): (device memory - weights - activation
     reserve) x ``DEVICE_MEMORY_UTILIZATION``, with the T4's memory from its datasheet entry
-    (``apexlib.costs.hardware``); the same rule the simulator applies to a T4 roofline.
-    """
+    (``apexlib.costs.hardware``) less what the sizing cannot see (the ``gpu_memory_unavailable_gib``
+    assumption at ``scenario``); the same rule the simulator applies to a T4 roofline."""
+    from apexlib.costs.assumptions import assumption, sizable_gpu_memory_gib
     from apexlib.costs.hardware import get_hardware
     from apexlib.engine.args import DEVICE_MEMORY_UTILIZATION, activation_reserve_bytes
 
     t4 = get_hardware("t4")
+    memory_gib = sizable_gpu_memory_gib(t4.memory_gib, scenario)
     reserve = activation_reserve_bytes(model_config, max_num_batched_tokens)
-    free = t4.memory_gib * GIB - weight_bytes - reserve
+    free = memory_gib * GIB - weight_bytes - reserve
     if free <= 0:
         raise ValueError(f"{weight_bytes / GIB:.2f} GiB of weights + {reserve / GIB:.2f} GiB activation reserve do "
-                         f"not fit in a T4's {t4.memory_gib} GiB")
+                         f"not fit in the {memory_gib:.2f} GiB a T4's KV sizing sees")
     gib = free * DEVICE_MEMORY_UTILIZATION / GIB
-    reason = (f"T4: {t4.memory_gib:g} GiB ({t4.name} datasheet) - weights {weight_bytes / GIB:.2f} GiB - activation "
-              f"reserve {reserve / GIB:.2f} GiB = {free / GIB:.2f} GiB, x {DEVICE_MEMORY_UTILIZATION} (the engine's "
-              f"share of free device memory for KV) = {gib:.2f} GiB: the pool the engine would size on a T4")
+    unavailable = assumption("gpu_memory_unavailable_gib")
+    reason = (f"T4: {t4.memory_gib:g} GiB ({t4.name} datasheet) - {t4.memory_gib - memory_gib:.2f} GiB the sizing "
+              f"cannot see ({scenario} of the {unavailable.low:g}-{unavailable.high:g} GiB assumption) - weights "
+              f"{weight_bytes / GIB:.2f} GiB - activation reserve {reserve / GIB:.2f} GiB = {free / GIB:.2f} GiB, x "
+              f"{DEVICE_MEMORY_UTILIZATION} (the engine's share of free device memory for KV) = {gib:.2f} GiB: the "
+              f"pool the engine would size on a T4")
     return gib, reason
 
 
@@ -414,6 +477,10 @@ def make_plan(size: CheckSize, model_path: Path, num_requests: int | None = None
     if size.kv_cap == "t4":
         gib, reason = t4_gpu_kv_gib(model_config, plan["weight_bytes"])
         plan.update(gpu_kv_gib=round(gib, 4), num_gpu_blocks=None, gpu_kv_reason=reason)
+        # the cap over the T4 memory assumption's range (the run uses the central one)
+        plan["gpu_kv_gib_by_scenario"] = {
+            scenario: round(t4_gpu_kv_gib(model_config, plan["weight_bytes"], scenario=scenario)[0], 4)
+            for scenario in ("offload-adverse", "central", "offload-friendly")}
         gpu_bytes = gib * GIB
     else:
         plan.update(gpu_kv_gib=None, num_gpu_blocks=size.num_gpu_blocks,
@@ -425,6 +492,30 @@ def make_plan(size: CheckSize, model_path: Path, num_requests: int | None = None
     # neo/apex: a host tier that holds the whole workload (+10%, whole 1/8 GiB), so only the GPU cap binds
     plan["cpu_kv_gib"] = math.ceil(demand * 1.1 / GIB * 8) / 8
     return plan
+
+
+def measure_load(model_path: Path, dtype: str, device: str) -> dict[str, Any]:
+    """Free device memory after this process loads the checkpoint's weights (what the engine's KV sizing
+    starts from), then the weights are released again. CUDA only."""
+    import torch
+
+    from apexlib.core.config import ModelConfig
+    from apexlib.engine.args import DEVICE_MEMORY_UTILIZATION, activation_reserve_bytes
+    from apexlib.engine.engine import measure_device_memory
+    from apexlib.model.weights import load_model
+
+    config = ModelConfig.from_pretrained(model_path)
+    before = measure_device_memory(device, 0)
+    model = load_model(config, dtype, device)
+    memory = measure_device_memory(device, activation_reserve_bytes(config, None, None, dtype))
+    allocated = torch.cuda.memory_allocated(torch.device(device))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"total_memory": memory.total, "free_before_load": before.free_after_load,
+            "free_after_load": memory.free_after_load, "weights_allocated": int(allocated),
+            "activation_reserve": memory.activation_reserve, "kv_budget_after_load": memory.kv_budget,
+            "engine_kv_gib_here": memory.kv_budget * DEVICE_MEMORY_UTILIZATION / GIB}
 
 
 def plan_workload(size: CheckSize, num_requests: int | None = None):
@@ -475,6 +566,21 @@ def _plain(value: Any) -> Any:
 
 def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def write_archive(out_dir: Path) -> Path:
+    """``results.tgz`` in ``out_dir``: every other file there, under the directory's name (a remote runner
+    may hand back only a few files). Rewritten after each step, so a stopped run still has one."""
+    import tarfile
+
+    target = out_dir / RESULTS_ARCHIVE
+    partial = out_dir / (RESULTS_ARCHIVE + ".partial")
+    with tarfile.open(partial, "w:gz") as archive:
+        for path in sorted(out_dir.rglob("*")):
+            if path.is_file() and path.name not in (RESULTS_ARCHIVE, partial.name):
+                archive.add(path, arcname=str(Path(out_dir.name) / path.relative_to(out_dir)))
+    partial.replace(target)
+    return target
 
 
 def write_comparison(report: GpuCheckReport) -> None:
@@ -529,16 +635,19 @@ class _KernelBuild:
 
 
 class _Steps:
-    """Runs steps in order: budget check, synchronize after, record, rewrite steps.json."""
+    """Runs steps in order: budget check, synchronize after, record, rewrite steps.json and the archive."""
 
-    def __init__(self, report: GpuCheckReport, size: CheckSize, device: str, time_limit_s: float) -> None:
-        self.report, self.size, self.device, self.limit = report, size, device, time_limit_s
+    def __init__(self, report: GpuCheckReport, size: CheckSize, device: str, time_limit_s: float,
+                 smoke: bool = False) -> None:
+        self.report, self.size, self.device, self.limit, self.smoke = report, size, device, time_limit_s, smoke
         self.started = time.perf_counter()
 
     def _write(self) -> None:
         _write_json(self.report.out_dir / "steps.json",
                     {"time_limit_s": self.limit, "elapsed_s": time.perf_counter() - self.started,
+                     "size": self.size.name, "smoke": self.smoke,
                      "steps": [step.to_dict() for step in self.report.steps]})
+        write_archive(self.report.out_dir)
 
     def skip(self, name: str, reason: str) -> None:
         logger.info("[%s] skipped: %s", name, reason)
@@ -591,13 +700,17 @@ class _Steps:
 
 def run_gpu_check(*, device: str = "cuda", size: str = "llama-2-7b", out_dir: str | Path | None = None,
                   checkpoint_dir: str | Path | None = None, skip_tests: bool = False,
-                  time_limit_s: float | None = None, num_requests: int | None = None,
+                  time_limit_s: float | None = None, num_requests: int | None = None, smoke: bool = False,
                   cuda_test_files: Sequence[str] = CUDA_TEST_FILES, command: str = "apex gpu-check") -> GpuCheckReport:
     """Run every step (see the module doc); returns the report, raises :class:`StepFailed`,
-    :class:`TimeLimitReached`, or :class:`CudaUnavailable` / ValueError before anything runs."""
+    :class:`TimeLimitReached`, or :class:`CudaUnavailable` / ValueError before anything runs.
+
+    ``smoke``: a first contact: the size's smoke size (:data:`SMOKE_SIZES`) and one policy
+    (:data:`SMOKE_POLICIES`), results in ``<device>-<size>-smoke/``."""
     if size not in SIZES:
         raise ValueError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
-    check = SIZES[size]
+    check = SIZES[SMOKE_SIZES[size]] if smoke else SIZES[size]
+    policies = SMOKE_POLICIES if smoke else POLICIES
     if num_requests is not None and num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {num_requests}")
     if os.environ.pop("CUDA_LAUNCH_BLOCKING", None) is not None:
@@ -605,31 +718,41 @@ def run_gpu_check(*, device: str = "cuda", size: str = "llama-2-7b", out_dir: st
                        "the timings); errors still surface at the synchronize after each step")
     device = resolve_check_device(device, check)
     environment = device_provenance(device)
-    out = Path(out_dir) if out_dir is not None else DEFAULT_RESULTS_DIR / f"{device_slug(environment)}-{size}"
+    name = f"{device_slug(environment)}-{check.name}" + ("-smoke" if smoke else "")
+    out = Path(out_dir) if out_dir is not None else DEFAULT_RESULTS_DIR / name
     out.mkdir(parents=True, exist_ok=True)
     report = GpuCheckReport(out_dir=out, environment=environment)
     _write_json(out / "environment.json", environment)
-    steps = _Steps(report, check, device, time_limit_s if time_limit_s is not None else check.time_limit_s)
-    logger.info("gpu-check: %s on %s (%s), results in %s", size, device, environment["device_name"], out)
+    steps = _Steps(report, check, device, time_limit_s if time_limit_s is not None else check.time_limit_s, smoke)
+    logger.info("gpu-check: %s%s on %s (%s), results in %s", check.name, " (smoke)" if smoke else "", device,
+                environment["device_name"], out)
 
-    kernels = _KernelBuild()  # compiles while the checkpoint is written
+    kernels = _KernelBuild()  # compiles while the CUDA tests run and the checkpoint is written
     state: dict[str, Any] = {}
     target = checkpoint_path(check, device, root=Path(checkpoint_dir) if checkpoint_dir else None)
 
-    def checkpoint() -> str:
-        state["model"], detail = build_checkpoint(check, device, target)
-        return detail
-
-    steps.run("checkpoint", checkpoint)
-    steps.run("kernels", lambda: kernels.wait(timeout_s=4 * check.budgets["kernels"]))
+    # first, so that a broken CUDA path ends the run before the checkpoint is built
     if device.startswith("cuda") and not skip_tests:
         steps.run("cuda-tests", lambda: run_cuda_tests(out, cuda_test_files, timeout_s=4 * check.budgets["cuda-tests"]))
     else:
         steps.skip("cuda-tests", "--skip-tests" if skip_tests else
                    "device=cpu: pytest -m cuda needs a CUDA GPU (those tests skip here)")
 
+    def checkpoint() -> str:
+        state["model"], detail = build_checkpoint(check, device, target)
+        return detail
+
+    steps.run("checkpoint", checkpoint)
+    steps.run("kernels", lambda: kernels.wait(timeout_s=max(KERNEL_COMPILE_TIMEOUT_S, 4 * check.budgets["kernels"])))
+
     def plan() -> str:
         report.plan = make_plan(check, state["model"], num_requests)
+        if device.startswith("cuda"):
+            # what a T4's memory assumption stands for, measured on this device (apexlib.costs.assumptions)
+            report.plan["device_memory"] = {
+                **{key: environment[key] for key in ("total_memory", "mem_get_info_total", "free_after_cuda_init",
+                                                     "compute_capability")},
+                **measure_load(state["model"], check.dtype, device)}
         _write_json(out / "plan.json", report.plan)
         return report.plan["gpu_kv_reason"]
 
@@ -642,7 +765,7 @@ def run_gpu_check(*, device: str = "cuda", size: str = "llama-2-7b", out_dir: st
     steps.run("profile", profile)
 
     results: list[Any] = []
-    for policy in POLICIES:
+    for policy in policies:
         def bench(policy: str = policy) -> str:
             from apexlib.core.results import write_results
 
@@ -657,7 +780,7 @@ def run_gpu_check(*, device: str = "cuda", size: str = "llama-2-7b", out_dir: st
 
     def finish() -> str:
         write_comparison(report)
-        return f"{len(report.comparison)} policies -> {out / 'comparison.csv'}"
+        return f"{len(report.comparison)} policies -> {out / 'comparison.csv'}, all files in {out / RESULTS_ARCHIVE}"
 
     steps.run("report", finish)
     return report
@@ -693,6 +816,8 @@ def format_report(report: GpuCheckReport) -> str:
 __all__ = [
     "POLICIES",
     "SIZES",
+    "SMOKE_POLICIES",
+    "SMOKE_SIZES",
     "STEPS",
     "CheckSize",
     "CudaUnavailable",
@@ -709,5 +834,7 @@ __all__ = [
     "resolve_check_device",
     "run_cuda_tests",
     "run_gpu_check",
+    "steps_of",
     "t4_gpu_kv_gib",
+    "write_archive",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from apexlib.core.config import (
     DEFAULT_CPU_JOB_TIMEOUT,
+    DTYPE_BYTES,
     GIB,
     SUPPORTED_DTYPES,
     CacheConfig,
@@ -142,24 +143,47 @@ class EngineArgs:
             raise TypeError(f"unknown engine argument(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
 
-    def resolve_dtype(self, model_config: ModelConfig, device: str) -> str:
+    def resolve_dtype(self, model_config: ModelConfig, device: str,
+                      compute_capability: tuple[int, int] | None = None) -> str:
+        """The dtype the engine runs in. ``compute_capability``: the CUDA device's (major, minor), None on a CPU.
+
+        Below compute capability 8.0 (a T4 is 7.5) bfloat16 has no tensor cores and no fused attention
+        (torch emulates it), so ``auto`` maps a bfloat16 checkpoint to float16 there and an explicit
+        bfloat16 is kept with a warning (vLLM refuses bfloat16 on such devices)."""
+        old_gpu = compute_capability is not None and tuple(compute_capability) < (8, 0)
+        where = f"compute capability {compute_capability[0]}.{compute_capability[1]}" if old_gpu else ""
         if self.dtype != "auto":
             if self.dtype not in SUPPORTED_DTYPES:
                 raise ValueError(f"dtype must be 'auto' or one of {SUPPORTED_DTYPES}, got {self.dtype!r}")
+            if self.dtype == "bfloat16" and old_gpu:
+                logger.warning("dtype bfloat16 on a device of %s: bfloat16 is emulated there (no tensor cores, no "
+                               "fused attention), much slower than float16; consider --dtype float16", where)
             return self.dtype
         dtype = model_config.checkpoint_dtype
         if dtype == "float16" and device == "cpu":
             logger.info("dtype auto: float16 checkpoint on CPU runs in bfloat16")
             return "bfloat16"
+        if dtype == "bfloat16" and old_gpu:
+            logger.warning("dtype auto: bfloat16 checkpoint on a device of %s (no bfloat16 tensor cores) runs in "
+                           "float16", where)
+            return "float16"
         return dtype
 
-    def create_engine_config(self, model_config: ModelConfig, device: str, dtype: str,
-                             free_device_bytes: int | None) -> EngineConfig:
-        """Resolve defaults; ``free_device_bytes`` is the memory left for the GPU KV pool (None: host)."""
+    def resolve_limits(self, model_config: ModelConfig) -> tuple[int, int]:
+        """(max_model_len, max_num_batched_tokens) as the engine will use them."""
         max_model_len = model_config.max_position_embeddings if self.max_model_len is None else self.max_model_len
         if max_model_len > model_config.max_position_embeddings:
             raise ValueError(f"max_model_len ({max_model_len}) exceeds the checkpoint's max_position_embeddings "
                              f"({model_config.max_position_embeddings})")
+        if self.max_num_batched_tokens is not None:
+            return max_model_len, self.max_num_batched_tokens
+        # without chunked prefill a whole prompt is one iteration's work
+        return max_model_len, max(2048, max_model_len if not self.enable_chunked_prefill else 0)
+
+    def create_engine_config(self, model_config: ModelConfig, device: str, dtype: str,
+                             free_device_bytes: int | None) -> EngineConfig:
+        """Resolve defaults; ``free_device_bytes`` is the memory left for the GPU KV pool (None: host)."""
+        max_model_len, max_num_batched_tokens = self.resolve_limits(model_config)
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         useful_blocks = self.max_num_seqs * math.ceil(max_model_len / self.block_size)
@@ -188,8 +212,7 @@ class EngineArgs:
         scheduler = SchedulerConfig(
             max_model_len=max_model_len,
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=(self.max_num_batched_tokens if self.max_num_batched_tokens is not None else
-                                    max(2048, max_model_len if not self.enable_chunked_prefill else 0)),
+            max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=self.enable_chunked_prefill,
             policy=self.policy,
         )
@@ -201,8 +224,32 @@ class EngineArgs:
                             policy_options=self.policy_options)
 
 
-def activation_reserve_bytes(model_config: ModelConfig, max_num_batched_tokens: int | None) -> int:
-    """Device memory kept free for activations and logits of the largest iteration (a coarse upper bound)."""
+def activation_reserve_bytes(model_config: ModelConfig, max_num_batched_tokens: int | None,
+                             max_model_len: int | None = None, dtype: str = "float16") -> int:
+    """Device memory kept free for the largest iteration (a coarse upper bound): activations and logits
+    of ``max_num_batched_tokens`` tokens (None: 2048), the attention's working set
+    (:func:`attention_workspace_bytes`) and 512 MiB for the allocator and the CUDA libraries."""
     tokens = 2048 if max_num_batched_tokens is None else max_num_batched_tokens
     per_token = 4 * (model_config.hidden_size * 4 + model_config.intermediate_size * 3 + model_config.vocab_size)
-    return tokens * per_token + 512 * 1024**2
+    context = model_config.max_position_embeddings if max_model_len is None else max_model_len
+    return tokens * per_token + attention_workspace_bytes(model_config, tokens, context, dtype) + 512 * 1024**2
+
+
+#: Padded (rows x longest context) tokens whose K/V the reference decode attention gathers at once:
+#: a larger decode batch runs in row groups (``apexlib.attention.base``), so the gather has this bound.
+DECODE_GATHER_TOKENS = 8192
+
+
+def attention_workspace_bytes(model_config: ModelConfig, tokens: int, max_model_len: int,
+                              dtype: str = "float16") -> int:
+    """The reference attention's largest temporary tensors in one layer (fused SDPA kernels: no score matrix).
+
+    A prefill chunk of ``tokens`` rows that starts late gathers its whole context (up to
+    ``max_model_len`` tokens) of K and V, repeated to every query head where the fused kernel has no
+    grouped-query support, next to its query and output; a decode group gathers K and V of
+    ``max(DECODE_GATHER_TOKENS, max_model_len)`` padded tokens at the KV heads. The larger of the two."""
+    head_bytes = model_config.head_dim * DTYPE_BYTES[dtype]
+    chunk = min(tokens, max_model_len)
+    prefill = (2 * max_model_len * model_config.num_heads + 2 * chunk * model_config.num_heads) * head_bytes
+    decode = 2 * max(DECODE_GATHER_TOKENS, max_model_len) * model_config.num_kv_heads * head_bytes
+    return max(prefill, decode)

@@ -22,6 +22,7 @@ another thread waits for the current step to end instead of corrupting the queue
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -35,7 +36,7 @@ import torch
 
 from apexlib.attention.backends import select_backend
 from apexlib.core.clock import clock
-from apexlib.core.config import EngineConfig, ModelConfig
+from apexlib.core.config import GIB, EngineConfig, ModelConfig
 from apexlib.core.plan import IterationPlan
 from apexlib.core.request import Request, RequestOutput, SamplingParams, request_output
 from apexlib.costs import (
@@ -102,18 +103,59 @@ class StepRecord:
     subtask_seconds: dict[str, float] | None
 
 
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What the KV auto-sizing of a CUDA engine saw (bytes): the device's total, the free memory after the
+    weights were loaded and torch's cached blocks were returned, the activation reserve taken from it."""
+
+    total: int
+    free_after_load: int
+    activation_reserve: int
+
+    @property
+    def kv_budget(self) -> int:
+        return max(0, self.free_after_load - self.activation_reserve)
+
+
+def measure_device_memory(device: str, activation_reserve: int) -> DeviceMemory:
+    """Free memory of a CUDA ``device`` as the KV pool may use it: blocks torch caches for tensors already
+    freed (an earlier engine's pools, the load's temporaries) are returned first, or they would count as used."""
+    gc.collect()  # a closed engine caught in a reference cycle still holds its tensors
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free_bytes, total_bytes = torch.cuda.mem_get_info(torch.device(device))
+    return DeviceMemory(total=int(total_bytes), free_after_load=int(free_bytes), activation_reserve=activation_reserve)
+
+
+def compute_capability(device: str) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA ``device``; None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self._step_log: list[StepRecord] | None = None
+        self._closed = False
         model_config = ModelConfig.from_pretrained(resolve_checkpoint(args.model))
         device = resolve_device(args.device)
-        dtype = args.resolve_dtype(model_config, device)
+        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            # cuda:N becomes this thread's current device (what an index-less stream or event call uses);
+            # plain "cuda" already is the current one, and set_device refuses a device without an index
+            torch.cuda.set_device(torch.device(device))
+        dtype = args.resolve_dtype(model_config, device, compute_capability(device))
         self.model = load_model(model_config, dtype, device)
+        self.device_memory: DeviceMemory | None = None
         free_bytes = None
         if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-            free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-            free_bytes = max(0, free_bytes - activation_reserve_bytes(model_config, args.max_num_batched_tokens))
+            max_model_len, max_num_batched_tokens = args.resolve_limits(model_config)
+            reserve = activation_reserve_bytes(model_config, max_num_batched_tokens, max_model_len, dtype)
+            self.device_memory = measure_device_memory(device, reserve)
+            free_bytes = self.device_memory.kv_budget
+            logger.info("device memory: %.2f GiB total, %.2f GiB free after the weights, %.2f GiB activation "
+                        "reserve", self.device_memory.total / GIB, self.device_memory.free_after_load / GIB,
+                        reserve / GIB)
         self.config: EngineConfig = args.create_engine_config(model_config, device, dtype, free_bytes)
         self.tokenizer = load_tokenizer(model_config.path)
         cache = self.config.cache
@@ -122,9 +164,9 @@ class LLMEngine:
                                      model_config.num_kv_heads, model_config.head_dim, torch_dtype, device)
         self.cpu_storage = None
         if cache.num_cpu_blocks:
+            # ordinary host memory (huge pages), never pinned: swaps stage through a bounded pinned buffer
             self.cpu_storage = KVStorage(model_config.num_layers, cache.num_cpu_blocks, cache.block_size,
-                                         model_config.num_kv_heads, model_config.head_dim, torch_dtype, "cpu",
-                                         pin_memory=torch.cuda.is_available())
+                                         model_config.num_kv_heads, model_config.head_dim, torch_dtype, "cpu")
         cost_model = None
         if policy_spec(self.config.scheduler.policy).needs_cost_model:
             cost_model = machine_cost_model(args.cost_model, ModelShape.from_config(model_config), dtype, device)
@@ -168,6 +210,7 @@ class LLMEngine:
                     arrival_time: float | None = None) -> str:
         """Validate and queue one request; returns its id (``str(request_id)``, or a new one for None)."""
         with self._lock:
+            self._check_open()
             return self._add_request(request_id, prompt, sampling_params, arrival_time)
 
     def _add_request(self, request_id: str | None, prompt: PromptType, sampling_params: SamplingParams | None,
@@ -223,8 +266,31 @@ class LLMEngine:
                 self._step_log = previous
 
     def close(self) -> None:
-        """Stop the CPU-attention worker thread (also happens at interpreter exit: it is a daemon)."""
-        self.runner.close()
+        """Stop the CPU-attention worker thread and release the weights and the KV tiers (on CUDA the
+        cached device memory is returned too), so that the next engine of this process sizes its pools
+        from memory this one no longer holds. Idempotent; the engine serves no request afterwards
+        (``config``, ``stats`` and ``device_memory`` stay readable). The worker is also stopped at
+        interpreter exit (a daemon thread)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self.runner.close()
+            self.model = self.gpu_storage = self.cpu_storage = None
+        gc.collect()
+        if self.config.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        logger.info("engine closed: weights and KV tiers released")
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this LLMEngine was closed (close() released its weights and KV cache)")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -244,6 +310,7 @@ class LLMEngine:
         whole iteration raises :class:`IterationError` after discarding the iteration (module docstring).
         """
         with self._lock:
+            self._check_open()
             return self._step()
 
     def _step(self) -> list[RequestOutput]:

@@ -403,7 +403,7 @@ def _measure_transfers(engine: Any, block_counts: Sequence[int], settings: Profi
     cuda = engine.config.device.startswith("cuda")
     result: dict[str, Any] = {
         "method": "runner.kv_storage.copy_blocks between the engine's KV tiers" + (
-            " (device <-> pinned host)" if cuda else " (device=cpu: a host memcpy; the runner makes no q/k/v "
+            " (device <-> host tier, staged through a bounded pinned buffer)" if cuda else " (device=cpu: a host memcpy; the runner makes no q/k/v "
                                                      "copies, so those cost 0 and IterationShape gets 0 bytes)"),
         "qkv_copies_in_runner": cuda,
     }

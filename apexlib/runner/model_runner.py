@@ -79,6 +79,7 @@ class _SubtaskClock:
 
     def __init__(self, device: torch.device, enabled: bool) -> None:
         self.cuda = device.type == "cuda"
+        self.device = device
         self.enabled = enabled
         self.totals: dict[str, float] = {}
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
@@ -86,9 +87,9 @@ class _SubtaskClock:
     def start(self):
         if not self.enabled:
             return None
-        if self.cuda:
+        if self.cuda:  # on the runner device's stream, whatever this thread's current device
             event = torch.cuda.Event(enable_timing=True)
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             return event
         return time.perf_counter()
 
@@ -97,7 +98,7 @@ class _SubtaskClock:
             return
         if self.cuda:
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(torch.cuda.current_stream(self.device))
             self._events.append((name, started, end))
         else:
             self.add(name, time.perf_counter() - started)
@@ -131,8 +132,10 @@ class ModelRunner:
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
 
     def close(self) -> None:
+        """Stop the worker and drop the weights and KV tiers (the engine's ``close``)."""
         if self.worker is not None:
             self.worker.close()
+        self.model = self.gpu_storage = self.cpu_storage = None
 
     @torch.inference_mode()
     def execute(self, plan: IterationPlan, apply_swaps: bool = True) -> RunnerOutput:
