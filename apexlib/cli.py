@@ -73,6 +73,10 @@ def engine_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     from apexlib.engine.args import EngineArgs
 
     kwargs = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(args, f.name)}
+    if "model" in kwargs and kwargs["model"] is None:  # a subcommand whose default depends on its target
+        from apexlib.engine.settings import DEFAULT_MODEL
+
+        kwargs["model"] = DEFAULT_MODEL
     if "policy_options" in kwargs:
         kwargs["policy_options"] = dict(kwargs["policy_options"] or [])
     kwargs.update(overrides)
@@ -149,10 +153,6 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.target not in (None, "engine"):
         raise SystemExit(f"apex bench: unknown benchmark {args.target!r} (known: engine, serve, cpu-attention)")
-    if args.model is None:
-        from apexlib.engine.settings import DEFAULT_MODEL
-
-        args.model = DEFAULT_MODEL
     return _bench_engine(args)
 
 
@@ -240,7 +240,7 @@ def _bench_engine(args: argparse.Namespace) -> int:
     from apexlib.engine.settings import BenchmarkSettings
 
     err = Console(stderr=True)
-    if args.model == "demo":
+    if args.model in (None, "demo"):
         err.print("[yellow]model: the embedded tiny 'demo' checkpoint[/]; pass --model for a real one")
     loads = args.rate or [None]
     budgets = args.num_gpu_blocks or [None]
