@@ -234,7 +234,9 @@ def test_overload_gets_503_with_retry_after(tiny_path):
     try:
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
-        assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+        # a burst arrives before the engine runs any of it: --max-waiting of them are accepted (more when the
+        # engine's snapshot already shows some running)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
         for response in responses:
             if response.status_code == 503:
                 assert response.headers["retry-after"] == "2"
