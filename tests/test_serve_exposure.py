@@ -561,3 +561,53 @@ def test_a_client_leaving_mid_body_is_one_log_line_and_a_disconnect_not_a_500(se
     assert len(lines) == 1 and "left before its request body was complete" in lines[0].getMessage(), \
         [r.getMessage() for r in lines]
     assert lines[0].exc_info is None and "\n" not in lines[0].getMessage()
+
+
+def test_a_bug_is_one_logged_500_naming_only_its_type_on_a_live_connection(server, monkeypatch):
+    records = _Records()
+    loggers = [logging.getLogger(name) for name in ("uvicorn.error", "apexlib")]
+    for logger in loggers:
+        logger.addHandler(records)
+    openai_server = server.app.state.server
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("internal detail that stays in the log")
+
+    host, port = server.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"content-type": "application/json"}
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(openai_server, "sampling_params", broken)
+            connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "hi"}), headers=headers)
+            first = connection.sock.getsockname()
+            response = connection.getresponse()
+            answer = json.loads(response.read())
+        assert response.status == 500 and "RuntimeError" in answer["error"]["message"]
+        assert "internal detail" not in answer["error"]["message"]
+        connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "hi", "max_tokens": 2}),
+                           headers=headers)
+        assert connection.sock.getsockname() == first  # the same connection
+        assert connection.getresponse().status == 200
+    finally:
+        connection.close()
+        for logger in loggers:
+            logger.removeHandler(records)
+    errors = [r for r in records.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is not None, [r.getMessage() for r in errors]
+
+
+def test_limit_concurrency_answers_503_beyond_it(tiny_path):
+    live = LiveServer(tiny_path("gqa"), serve={"limit_concurrency": 3})
+    try:
+        idle = [_connect(live.url) for _ in range(3)]
+        time.sleep(0.2)
+        try:
+            assert httpx.get(f"{live.url}/health", timeout=30).status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        time.sleep(0.2)
+        assert httpx.get(f"{live.url}/health", timeout=30).status_code == 200
+    finally:
+        live.close()
