@@ -103,8 +103,10 @@ def _read_url(process: subprocess.Popen, timeout: float) -> str:
     raise AssertionError(f"apex serve did not start: {''.join(lines)}")
 
 
-@pytest.mark.parametrize("engine_thread", [False, True], ids=["engine-process", "engine-thread"])
+@pytest.mark.parametrize("engine_thread", [pytest.param(False, id="engine-process"),
+                                           pytest.param(True, id="engine-thread", marks=pytest.mark.slow)])
 def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_path, engine_thread):
+    """The default (engine process) in make test, the engine thread in make test-all."""
     command = [sys.executable, "-m", "apexlib.cli", "serve", "--model", str(tiny_path("gqa")), "--port", "0",
                "--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", "60",
                "--served-model-name", "tiny", *(["--engine-thread"] if engine_thread else [])]
