@@ -282,6 +282,15 @@ def test_a_lone_surrogate_is_a_400_and_the_keep_alive_connection_serves_the_next
     assert _metric(server.url, 'apex_http_responses_total{endpoint="/v1/completions",status="500"}') == 0
 
 
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
+                                  b'{"prompt": "\xff\xfe"}'], ids=["nested-too-deep", "huge-integer", "not-utf8"])
+def test_json_that_python_cannot_read_is_a_400(server, body):
+    response = httpx.post(f"{server.url}/v1/completions", content=body, headers={"content-type": "application/json"},
+                          timeout=60)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "body" and len(response.content) < 1000
+
+
 def test_a_chat_the_template_refuses_is_a_400(server):
     tokenizer = server.engine.tokenizer
     tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"

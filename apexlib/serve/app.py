@@ -46,10 +46,12 @@ from apexlib.serve.metrics import ServerMetrics
 from apexlib.serve.middleware import ApiKeyMiddleware, UnexpectedErrorMiddleware
 from apexlib.serve.preprocess import Preprocessor
 from apexlib.serve.protocol import (
+    ECHO_CHARS,
     ApiError,
     CompletionRequest,
     bad,
     clip,
+    cut,
     parse_chat,
     parse_completion,
     parse_json,
@@ -190,7 +192,7 @@ class OpenAIServer:
         if max_tokens is None:
             max_tokens = self.max_model_len - num_prompt_tokens
         elif num_prompt_tokens + max_tokens > self.max_model_len:
-            raise bad("max_tokens", f"'max_tokens' = {max_tokens} plus the {num_prompt_tokens} prompt tokens of "
+            raise bad("max_tokens", f"'max_tokens' = {clip(max_tokens)} plus the {num_prompt_tokens} prompt tokens of "
                                     f"'{param}' exceed max_model_len = {self.max_model_len}; ask for at most "
                                     f"{self.max_model_len - num_prompt_tokens}")
         blocks = math.ceil((num_prompt_tokens + max_tokens) / self.block_size)
@@ -201,7 +203,7 @@ class OpenAIServer:
                                     f"most {self.max_request_blocks * self.block_size - num_prompt_tokens} tokens")
         for token in fields.stop_token_ids:
             if token >= self.vocab_size:
-                raise bad("stop_token_ids", f"'stop_token_ids' has {token}, outside the vocabulary [0, "
+                raise bad("stop_token_ids", f"'stop_token_ids' has {clip(token)}, outside the vocabulary [0, "
                                             f"{self.vocab_size})")
         # Non-streamed requests without stop strings need only the final output (no per-step copies).
         kind = "cumulative" if parsed.stream or fields.stop else "final_only"
@@ -211,7 +213,7 @@ class OpenAIServer:
                                   ignore_eos=fields.ignore_eos, output_kind=kind)
         except (TypeError, ValueError) as error:  # a limit checked only there
             name = str(error).split(" ", 1)[0].removeprefix("SamplingParams.")
-            raise bad(name, str(error)) from None
+            raise bad(name[:ECHO_CHARS], cut(str(error), 3 * ECHO_CHARS)) from None
 
     # -- running requests -----------------------------------------------------------------------------
     def submit(self, parsed: CompletionRequest, prompts: list[list[int]], params: list[SamplingParams],

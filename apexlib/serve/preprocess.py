@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from apexlib.serve.chat import render_chat
-from apexlib.serve.protocol import bad, clip
+from apexlib.serve.protocol import bad, clip, cut
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Preprocessor:
             return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
         except Exception as error:  # the text is the client's: say so, with the tokenizer's reason
             raise bad(param, f"'{param}' could not be tokenized: {type(error).__name__}: "
-                             f"{clip(str(error))}") from None
+                             f"{cut(str(error))}") from None
 
     async def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a chat rendered with the model's template."""
@@ -114,4 +114,4 @@ class Preprocessor:
             return render_chat(self.tokenizer, messages)
         except Exception as error:  # e.g. a template that requires alternating roles (jinja2's TemplateError)
             raise bad("messages", f"the model's chat template refused 'messages': {type(error).__name__}: "
-                                  f"{clip(str(error))}") from None
+                                  f"{cut(str(error))}") from None

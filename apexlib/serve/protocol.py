@@ -88,6 +88,11 @@ def clip(value: Any, limit: int = ECHO_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def cut(text: str, limit: int = ECHO_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (saying how long it was), for messages that quote another."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def check_text(value: str, param: str) -> str:
     """``value`` if it is valid Unicode text (encodable as UTF-8), else a 400 naming ``param`` and the position."""
     try:
@@ -150,8 +155,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise bad("body", "the request body is empty; send a JSON object")
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad("body", f"the request body is not valid JSON: {error}") from None
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, an integer of > 4300 digits, too deep
+        raise bad("body", f"the request body is not valid JSON: {cut(str(error))}") from None
     if not isinstance(value, dict):
         raise bad("body", f"the request body must be a JSON object, got {type(value).__name__}")
     return value
@@ -172,9 +177,9 @@ def _int(body: dict, name: str, default: int | None, minimum: int | None = None,
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad(name, f"'{name}' must be an integer, got {_type_name(value)} {clip(value)}")
     if minimum is not None and value < minimum:
-        raise bad(name, f"'{name}' must be >= {minimum}, got {value}")
+        raise bad(name, f"'{name}' must be >= {minimum}, got {clip(value)}")
     if maximum is not None and value > maximum:
-        raise bad(name, f"'{name}' must be <= {maximum}, got {value}")
+        raise bad(name, f"'{name}' must be <= {maximum}, got {clip(value)}")
     return value
 
 
@@ -259,7 +264,7 @@ def _common(body: dict, endpoint: str) -> tuple[str | None, bool, bool, bool]:
         raise bad("model", f"'model' must be a string, got {_type_name(model)} {clip(model)}")
     n = _int(body, "n", 1)
     if n != 1:
-        raise bad("n", f"'n' must be 1 (one choice per prompt is supported), got {n}")
+        raise bad("n", f"'n' must be 1 (one choice per prompt is supported), got {clip(n)}")
     for name, allowed in UNSUPPORTED.items():
         if name in body and body[name] not in allowed:
             raise bad(name, f"'{name}' is not supported by this server (allowed: {list(allowed)}), got "
