@@ -104,15 +104,22 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     """``apex serve``: the OpenAI-compatible HTTP server (apexlib.serve)."""
+    import os
+
     from apexlib.engine.args import EngineArgs
     from apexlib.serve.server import serve
 
     engine_args = EngineArgs(**engine_kwargs(args))
+    api_keys = args.api_key or ([os.environ["APEX_API_KEY"]] if os.environ.get("APEX_API_KEY") else [])
     return serve(engine_args, host=args.host, port=args.port,
                  served_model_names=tuple(args.served_model_name) if args.served_model_name else None,
                  max_waiting=args.max_waiting, drain_timeout=args.drain_timeout,
                  iteration_retries=args.iteration_retries, log_level=args.log_level,
-                 engine_process=not args.engine_thread)
+                 engine_process=not args.engine_thread, max_request_bytes=args.max_request_bytes,
+                 api_keys=tuple(api_keys), protect_metrics=args.protect_metrics,
+                 allowed_origins=tuple(args.allowed_origins or ()), header_timeout=args.header_timeout,
+                 body_timeout=args.body_timeout,
+                 limit_concurrency=args.limit_concurrency if args.limit_concurrency > 0 else None)
 
 
 def _tiny(args: argparse.Namespace) -> int:
@@ -538,6 +545,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine-thread", action="store_true",
                        help="step the engine in a thread of the HTTP process instead of a process of its own "
                             "(the default: the two then never wait on one GIL)")
+    serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20,
+                       help="largest request body accepted (413 beyond it, checked while reading; default 4 MiB)")
+    serve.add_argument("--api-key", nargs="+", default=None,
+                       help="require 'Authorization: Bearer <key>' on /v1/* (401 otherwise); several keys may be "
+                            "given (default: $APEX_API_KEY if set, else no key)")
+    serve.add_argument("--protect-metrics", action="store_true",
+                       help="require the API key on /metrics too (/health stays open)")
+    serve.add_argument("--allowed-origins", nargs="+", default=None,
+                       help="origins a browser page may call the API from (CORS; default: none, no CORS headers)")
+    serve.add_argument("--header-timeout", type=float, default=10.0,
+                       help="seconds a connection may take to send its request headers (then closed)")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a request may take to send its body after the headers (408, then closed)")
+    serve.add_argument("--limit-concurrency", type=int, default=512,
+                       help="open connections plus requests in flight beyond which new requests get 503 "
+                            "(uvicorn's limit; 0: no limit)")
     add_engine_arguments(serve)
     serve.set_defaults(handler=_serve)
 

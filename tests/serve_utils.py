@@ -7,7 +7,7 @@ import time
 
 from apexlib.core.plan import Tier
 from apexlib.engine.args import EngineArgs
-from apexlib.serve.server import bind_socket, make_app
+from apexlib.serve.server import bind_socket, make_app, uvicorn_config
 
 ATTENTION_OK, ATTENTION_FAIL_ONCE, ATTENTION_BROKEN = 0, 1, 2
 
@@ -56,7 +56,7 @@ class LiveServer:
         self.engine = self.loop.engine
         sock = bind_socket("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(uvicorn_config(self.app, log_level="warning", graceful_timeout=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -234,7 +234,9 @@ def test_overload_gets_503_with_retry_after(tiny_path):
     try:
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
-        assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+        # a burst arrives before the engine runs any of it: --max-waiting of them are accepted (more when the
+        # engine's snapshot already shows some running)
+        assert set(codes) == {200, 503} and codes.count(200) >= 2, codes
         for response in responses:
             if response.status_code == 503:
                 assert response.headers["retry-after"] == "2"
@@ -251,7 +253,7 @@ def test_health_and_metrics(server):
         assert http.get("/health").json() == {"status": "ok"}
         http.post("/v1/completions", json={"prompt": "Once", "max_tokens": 5, "ignore_eos": True})
         text = http.get("/metrics").text
-    for name in ("apex_requests_running", "apex_requests_waiting", "apex_requests_cpu_resident",
+    for name in ("apex_engine_up 1.0", "apex_requests_running", "apex_requests_waiting", "apex_requests_cpu_resident",
                  'apex_kv_usage_ratio{tier="gpu"}', 'apex_kv_free_blocks{tier="cpu"}', "apex_preemptions_total",
                  "apex_swapped_out_blocks_total", "apex_iteration_mode_total",
                  "apex_time_to_first_token_seconds_bucket", "apex_time_per_output_token_seconds_bucket",

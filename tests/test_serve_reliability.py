@@ -103,10 +103,13 @@ def _read_url(process: subprocess.Popen, timeout: float) -> str:
     raise AssertionError(f"apex serve did not start: {''.join(lines)}")
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_path):
+@pytest.mark.parametrize("engine_thread", [pytest.param(False, id="engine-process"),
+                                           pytest.param(True, id="engine-thread", marks=pytest.mark.slow)])
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_path, engine_thread):
+    """The default (engine process) in make test, the engine thread in make test-all."""
     command = [sys.executable, "-m", "apexlib.cli", "serve", "--model", str(tiny_path("gqa")), "--port", "0",
                "--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--drain-timeout", "60",
-               "--served-model-name", "tiny"]
+               "--served-model-name", "tiny", *(["--engine-thread"] if engine_thread else [])]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
         url = _read_url(process, timeout=120)
@@ -310,10 +313,15 @@ def test_engine_process_death_fails_in_flight_requests_and_later_ones_get_503(ti
             assert rest[-1] == "data: [DONE]"
             error = json.loads(rest[-2][6:])["error"]
             assert error["code"] == 500 and error["type"] == "internal_error"
-            assert "engine process exited" in error["message"]
+            assert "engine process exited" in error["message"] and "killed by SIGKILL" in error["message"], error
             health = http.get("/health")
             assert health.status_code == 503 and "engine process exited" in health.json()["error"]
             later = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
             assert later.status_code == 503 and later.headers["retry-after"]
+            assert "killed by SIGKILL" in later.json()["error"]["message"]
+            # /metrics says the engine is down instead of repeating its last state
+            metrics = http.get("/metrics").text
+            assert "apex_engine_up 0.0" in metrics, metrics
+            assert "apex_requests_running" not in metrics and "apex_kv_free_blocks" not in metrics
     finally:
         live.close()

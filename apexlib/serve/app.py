@@ -8,6 +8,14 @@ A request is parsed and checked in full (field types and ranges, model name, pro
 ``max_model_len``, whether it can ever fit the KV budget, the waiting-queue bound) before anything is
 queued, so bad input costs the engine nothing. A client that disconnects -- while streaming or while
 waiting for a non-streamed answer -- aborts its requests, whose KV blocks go back to the pools.
+
+Exposure (:class:`ServeSettings`): a body is read only up to ``max_request_bytes`` (413 beyond), only as
+``application/json`` (415 otherwise); parsing large bodies, the chat template and tokenization run in one
+worker thread (:mod:`apexlib.serve.preprocess`), never on the event loop; ``api_keys`` protect ``/v1/*``
+(and ``/metrics`` with ``protect_metrics``) with a 401 (:mod:`apexlib.serve.middleware`); CORS is off
+unless ``allowed_origins`` names origins. Header/body read deadlines, the header size bound and the
+connection limit are the HTTP protocol's (:func:`apexlib.serve.server.uvicorn_config`). A client that
+leaves while sending its body is logged in one line and counted in ``apex_http_client_disconnects_total``.
 """
 
 from __future__ import annotations
@@ -24,25 +32,35 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from apexlib.core.clock import clock
 from apexlib.core.request import SamplingParams
-from apexlib.serve.chat import render_chat
 from apexlib.serve.detok import IncrementalDetokenizer, StopStringMatcher
+from apexlib.serve.http_protocol import TIMED_OUT_KEY
 from apexlib.serve.loop import Delta, EngineLoop, RequestStream
 from apexlib.serve.metrics import ServerMetrics
+from apexlib.serve.middleware import ApiKeyMiddleware, UnexpectedErrorMiddleware
+from apexlib.serve.preprocess import Preprocessor
 from apexlib.serve.protocol import (
+    ECHO_CHARS,
     ApiError,
     CompletionRequest,
     bad,
+    clip,
+    cut,
     parse_chat,
     parse_completion,
     parse_json,
 )
 
 logger = logging.getLogger(__name__)
+
+
+MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,24 @@ class ServeSettings:
     retry_after: int = 1
     #: seconds a shutdown waits for in-flight requests
     drain_timeout: float = 30.0
+    #: the largest request body read (413 beyond it, checked while reading)
+    max_request_bytes: int = 4 * MIB
+    #: keys accepted in ``Authorization: Bearer <key>`` on /v1/* (none: no key needed)
+    api_keys: tuple[str, ...] = ()
+    #: whether /metrics needs the key too (/health never does)
+    protect_metrics: bool = False
+    #: origins a browser may call from (CORS); none: no CORS headers at all
+    allowed_origins: tuple[str, ...] = ()
+    #: seconds from a connection's start (or its next request's first byte) to the end of the headers
+    header_timeout: float = 10.0
+    #: seconds from the end of the headers to the end of the body
+    body_timeout: float = 30.0
+    #: bytes of the request line and headers together (431 beyond)
+    max_header_bytes: int = 32 * 1024
+    #: connections plus requests in flight beyond which new requests get 503 (uvicorn's limit_concurrency)
+    limit_concurrency: int | None = 512
+    #: seconds an idle keep-alive connection stays open (uvicorn's timeout_keep_alive)
+    keep_alive_timeout: int = 5
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -64,6 +100,19 @@ class ServeSettings:
             raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
         if self.retry_after < 0:
             raise ValueError(f"retry_after must be >= 0, got {self.retry_after}")
+        if self.max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes must be >= 1024, got {self.max_request_bytes}")
+        if not all(isinstance(k, str) and k and k.strip() == k for k in self.api_keys):
+            raise ValueError("api_keys must be non-empty strings without surrounding spaces")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.max_header_bytes < 1024:
+            raise ValueError(f"max_header_bytes must be >= 1024, got {self.max_header_bytes}")
+        if self.limit_concurrency is not None and self.limit_concurrency < 1:
+            raise ValueError(f"limit_concurrency must be >= 1 (or None: no limit), got {self.limit_concurrency}")
+        if self.keep_alive_timeout < 1:
+            raise ValueError(f"keep_alive_timeout must be >= 1, got {self.keep_alive_timeout}")
 
 
 @dataclass
@@ -111,14 +160,21 @@ class OpenAIServer:
             "max_model_len": self.max_model_len, "policy": self.config.scheduler.policy}
         self.metrics = ServerMetrics(loop)
         loop.on_finished = self.metrics.observe_finished
+        self.preprocessor = Preprocessor(self.tokenizer, self.max_model_len, self.vocab_size)
 
     # -- checks ---------------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
         names = self.settings.served_model_names
         if model is not None and model not in names:
-            raise ApiError(400, f"model {model!r} is not served here; served: {list(names)}", "model",
+            raise ApiError(400, f"model {clip(model)} is not served here; served: {list(names)}", "model",
                            "invalid_request_error")
         return names[0]
+
+    def check_count(self, count: int, param: str) -> None:
+        """A request of more prompts than can ever wait at once is a 400, not a 503 to retry forever."""
+        if count > self.settings.max_waiting:
+            raise bad(param, f"'{param}' has {count} prompts; at most {self.settings.max_waiting} requests can "
+                             f"wait at once (--max-waiting), so it could never be accepted")
 
     def check_capacity(self, count: int) -> None:
         if not self.loop.alive:
@@ -130,31 +186,13 @@ class OpenAIServer:
                                 f"{self.settings.max_waiting} (--max-waiting); retry later", None,
                            "server_overloaded", {"Retry-After": str(self.settings.retry_after)})
 
-    def tokenize(self, prompt: str | tuple[int, ...], param: str, add_special_tokens: bool = True) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise bad(param, f"'{param}' is text but the model has no tokenizer; send token ids")
-            ids = list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-            if not ids:
-                raise bad(param, f"'{param}' encodes to no tokens")
-        else:
-            ids = list(prompt)
-            for position, token in enumerate(ids):
-                if not 0 <= token < self.vocab_size:
-                    raise bad(param, f"'{param}[{position}]' = {token} is outside the vocabulary [0, "
-                                     f"{self.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise bad(param, f"'{param}' has {len(ids)} tokens; max_model_len is {self.max_model_len} (the "
-                             f"prompt plus at least one generated token must fit)")
-        return ids
-
     def sampling_params(self, parsed: CompletionRequest, num_prompt_tokens: int, param: str) -> SamplingParams:
         fields = parsed.sampling
         max_tokens = fields.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - num_prompt_tokens
         elif num_prompt_tokens + max_tokens > self.max_model_len:
-            raise bad("max_tokens", f"'max_tokens' = {max_tokens} plus the {num_prompt_tokens} prompt tokens of "
+            raise bad("max_tokens", f"'max_tokens' = {clip(max_tokens)} plus the {num_prompt_tokens} prompt tokens of "
                                     f"'{param}' exceed max_model_len = {self.max_model_len}; ask for at most "
                                     f"{self.max_model_len - num_prompt_tokens}")
         blocks = math.ceil((num_prompt_tokens + max_tokens) / self.block_size)
@@ -165,7 +203,7 @@ class OpenAIServer:
                                     f"most {self.max_request_blocks * self.block_size - num_prompt_tokens} tokens")
         for token in fields.stop_token_ids:
             if token >= self.vocab_size:
-                raise bad("stop_token_ids", f"'stop_token_ids' has {token}, outside the vocabulary [0, "
+                raise bad("stop_token_ids", f"'stop_token_ids' has {clip(token)}, outside the vocabulary [0, "
                                             f"{self.vocab_size})")
         # Non-streamed requests without stop strings need only the final output (no per-step copies).
         kind = "cumulative" if parsed.stream or fields.stop else "final_only"
@@ -175,11 +213,13 @@ class OpenAIServer:
                                   ignore_eos=fields.ignore_eos, output_kind=kind)
         except (TypeError, ValueError) as error:  # a limit checked only there
             name = str(error).split(" ", 1)[0].removeprefix("SamplingParams.")
-            raise bad(name, str(error)) from None
+            raise bad(name[:ECHO_CHARS], cut(str(error), 3 * ECHO_CHARS)) from None
 
     # -- running requests -----------------------------------------------------------------------------
     def submit(self, parsed: CompletionRequest, prompts: list[list[int]], params: list[SamplingParams],
                prefix: str) -> tuple[list[_Choice], asyncio.Queue]:
+        """Check the waiting bound and queue every prompt, in one step: no await in between, so no other
+        request on this event loop is admitted between the check and the enqueue."""
         self.check_capacity(len(prompts))
         event_loop = asyncio.get_running_loop()
         output: asyncio.Queue = asyncio.Queue()
@@ -199,11 +239,15 @@ class OpenAIServer:
                                {"Retry-After": str(self.settings.retry_after)}) from None
         return choices, output
 
-    def abort_unfinished(self, choices: list[_Choice]) -> None:
+    def abort_unfinished(self, choices: list[_Choice]) -> int:
+        """Abort the choices still running; returns how many there were."""
+        aborted = 0
         for choice in choices:
             if choice.finish_reason is None:
                 self.loop.abort(choice.request_id)
                 choice.finish_reason = "abort"
+                aborted += 1
+        return aborted
 
     async def events(self, choices: list[_Choice],
                      output: asyncio.Queue) -> AsyncIterator[tuple[_Choice, str, tuple[int, ...]]]:
@@ -284,6 +328,42 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, server: OpenAIServer) -> bytes:
+    """The request's body: ``application/json`` only (415), at most ``max_request_bytes`` (413: from
+    Content-Length at once, else while reading). Raises ClientDisconnect when the client leaves before its
+    body is complete."""
+    if _media_type(request) != "application/json":
+        got = request.headers.get("content-type")
+        raise ApiError(415, f"the request body must be sent as 'Content-Type: application/json', got "
+                            f"{clip(got) if got is not None else 'no Content-Type'}", "content-type",
+                       "invalid_request_error")
+    limit = server.settings.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {int(declared)} bytes; at most {limit} are accepted "
+                            f"(--max-request-bytes)", "body", "invalid_request_error")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body exceeds {limit} bytes (--max-request-bytes)", "body",
+                           "invalid_request_error")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _completion_body(body: bytes) -> CompletionRequest:
+    return parse_completion(parse_json(body))
+
+
+def _chat_body(body: bytes) -> CompletionRequest:
+    return parse_chat(parse_json(body))
+
+
 def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
     """The FastAPI application; its lifespan starts ``loop`` (if not running) and stops it at shutdown."""
     server = OpenAIServer(loop, settings)
@@ -296,22 +376,40 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
             yield
         finally:
             loop.stop(timeout=settings.drain_timeout)
+            server.preprocessor.close()
 
     app = FastAPI(title="apexlib OpenAI-compatible server", lifespan=lifespan)
     app.state.server = server
+    responses = server.metrics.responses
+    # add_middleware puts each new one outside the previous: the error handler innermost, CORS outermost
+    app.add_middleware(UnexpectedErrorMiddleware, on_error=lambda path: responses.labels(path, "500").inc())
+    if settings.api_keys:
+        app.add_middleware(ApiKeyMiddleware, api_keys=settings.api_keys, protect_metrics=settings.protect_metrics,
+                           on_refused=lambda path: responses.labels(path, "401").inc())
+    if settings.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["*"], allow_credentials=False)
 
     def error_response(error: ApiError, endpoint: str) -> JSONResponse:
-        server.metrics.responses.labels(endpoint, str(error.status)).inc()
+        responses.labels(endpoint, str(error.status)).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, error: ApiError) -> JSONResponse:
         return error_response(error, request.url.path)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.exception("unhandled error in %s", request.url.path)
-        return error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}"), request.url.path)
+    def client_left(request: Request, phase: str) -> Response:
+        """The client went away (``phase``: "body" while sending the request, "response" while waiting)."""
+        endpoint = request.url.path
+        server.metrics.client_disconnects.labels(endpoint, phase).inc()
+        if phase == "body":
+            client = request.client
+            timed_out = request.scope.get(TIMED_OUT_KEY) == "body"
+            logger.warning("%s %s from %s: %s", request.method, endpoint,
+                           f"{client.host}:{client.port}" if client else "a client",
+                           f"the body did not arrive within {settings.body_timeout:g} s (closed)" if timed_out
+                           else "the client left before its request body was complete")
+        return Response(status_code=499)
 
     @app.get("/health")
     async def health() -> Response:
@@ -333,25 +431,31 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        parsed = parse_completion(parse_json(await request.body()))
+        try:
+            body = await read_body(request, server)
+        except ClientDisconnect:
+            return client_left(request, "body")
+        parsed = await server.preprocessor.parse(body, _completion_body)
         model = server.check_model(parsed.model)
         many = len(parsed.prompts) > 1
+        server.check_count(len(parsed.prompts), "prompt")
         prompts, params = [], []
         for index, prompt in enumerate(parsed.prompts):
             param = f"prompt[{index}]" if many else "prompt"
-            ids = server.tokenize(prompt, param)
+            ids = await server.preprocessor.encode(prompt, param)
             prompts.append(ids)
             params.append(server.sampling_params(parsed, len(ids), param))
         return await _respond(request, parsed, prompts, params, model, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        parsed = parse_chat(parse_json(await request.body()))
+        try:
+            body = await read_body(request, server)
+        except ClientDisconnect:
+            return client_left(request, "body")
+        parsed = await server.preprocessor.parse(body, _chat_body)
         model = server.check_model(parsed.model)
-        if server.tokenizer is None:
-            raise bad("messages", "the model has no tokenizer: chat needs one (use /v1/completions with token ids)")
-        text, add_special = render_chat(server.tokenizer, list(parsed.messages))
-        ids = server.tokenize(text, "messages", add_special_tokens=add_special)
+        ids = await server.preprocessor.encode_chat(list(parsed.messages))
         params = [server.sampling_params(parsed, len(ids), "messages")]
         return await _respond(request, parsed, [ids], params, model, chat=True)
 
@@ -364,7 +468,7 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
         choices, output = server.submit(parsed, prompts, params, prefix)
         if parsed.stream:
             server.metrics.responses.labels(endpoint, "200").inc()
-            return StreamingResponse(_stream(parsed, choices, output, response_id, created, model, chat),
+            return StreamingResponse(_stream(parsed, choices, output, response_id, created, model, chat, endpoint),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         collector = asyncio.ensure_future(_collect(choices, output))
@@ -377,7 +481,7 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
                 server.abort_unfinished(choices)
             watcher.cancel()
         if not collector.done() or collector.cancelled():
-            return Response(status_code=499)
+            return client_left(request, "response")
         error = collector.exception()
         if error is not None:
             server.abort_unfinished(choices)
@@ -404,7 +508,7 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
             pass
 
     async def _stream(parsed: CompletionRequest, choices: list[_Choice], output: asyncio.Queue, response_id: str,
-                      created: int, model: str, chat: bool) -> AsyncIterator[bytes]:
+                      created: int, model: str, chat: bool, endpoint: str) -> AsyncIterator[bytes]:
         obj = "chat.completion.chunk" if chat else "text_completion"
         extra = {"usage": None} if parsed.include_usage else {}
 
@@ -446,6 +550,7 @@ def build_app(loop: EngineLoop, settings: ServeSettings) -> FastAPI:
                             "usage": _usage(choices)})
             yield b"data: [DONE]\n\n"
         finally:  # the client disconnected (this generator was cancelled or closed): free what still runs
-            server.abort_unfinished(choices)
+            if server.abort_unfinished(choices):
+                server.metrics.client_disconnects.labels(endpoint, "response").inc()
 
     return app

@@ -89,6 +89,7 @@ class LoopSnapshot:
     running: int = 0
     waiting: int = 0  # in the engine's waiting queue
     queued: int = 0  # submitted, not yet handed to the engine
+    submitted: int = 0  # requests ever submitted, as counted when ``queued`` was (so the two agree)
     cpu_resident: int = 0  # running requests whose KV lives in the CPU tier
     free_blocks: dict[str, int] = field(default_factory=dict)
     total_blocks: dict[str, int] = field(default_factory=dict)
@@ -154,8 +155,11 @@ class EngineLoop:
 
     @property
     def num_pending(self) -> int:
-        """Requests submitted but not running yet (the command queue plus the engine's waiting queue)."""
-        return (self._submitted - self._consumed) + self.snapshot.waiting
+        """Requests submitted but not running yet: those submitted since the last snapshot, plus the
+        snapshot's queued and waiting ones. Every count comes from the one snapshot, so a request the loop
+        took from the queue after it is still counted (until the next snapshot shows it waiting or running)
+        and the bound is never undercounted; it may overcount a request that started since."""
+        return pending_from(self.snapshot, self._submitted)
 
     def submit(self, stream: RequestStream, prompt_token_ids: list[int], params: SamplingParams,
                arrival_time: float | None = None) -> None:
@@ -317,11 +321,13 @@ class EngineLoop:
         scheduler = engine.scheduler
         kv = scheduler.kv
         cpu_resident = sum(1 for request in scheduler.running if kv.tier_of(request.request_id) is Tier.CPU)
+        submitted = self._submitted  # read once: queued and submitted must agree
         self.snapshot = LoopSnapshot(
             time=time.time(),
             running=len(scheduler.running),
             waiting=len(scheduler.waiting),
-            queued=self._submitted - self._consumed,
+            queued=submitted - self._consumed,
+            submitted=submitted,
             cpu_resident=cpu_resident,
             free_blocks={tier.value: kv.pools[tier].num_free_blocks for tier in Tier},
             total_blocks={tier.value: kv.pools[tier].num_blocks for tier in Tier},
@@ -331,6 +337,11 @@ class EngineLoop:
             steps=self._steps,
             alive=self.fatal_error is None,
         )
+
+
+def pending_from(snapshot: LoopSnapshot, submitted: int) -> int:
+    """Requests not running yet, given ``submitted`` requests so far and the loop's last ``snapshot``."""
+    return (submitted - snapshot.submitted) + snapshot.queued + snapshot.waiting
 
 
 def deliver(deliveries: list[tuple[RequestStream, Delta]]) -> None:

@@ -23,13 +23,18 @@ class _LoopCollector:
         self.loop = loop
 
     def collect(self):
+        up = bool(self.loop.alive)
+        yield GaugeMetricFamily("apex_engine_up", "1 while the engine runs; 0 after it stopped or died (the engine's "
+                                "gauges and counters are then not reported: they would be its last state)",
+                                value=int(up))
+        if not up:
+            return
         snap = self.loop.snapshot
         for name, value, doc in (("requests_running", snap.running, "requests holding KV blocks and being scheduled"),
                                  ("requests_waiting", snap.waiting + snap.queued,
                                   "requests accepted and not yet running"),
                                  ("requests_cpu_resident", snap.cpu_resident,
-                                  "running requests whose KV cache lives in the CPU tier"),
-                                 ("engine_alive", int(snap.alive), "1 while the engine loop runs")):
+                                  "running requests whose KV cache lives in the CPU tier")):
             yield GaugeMetricFamily(f"apex_{name}", doc, value=value)
         usage = GaugeMetricFamily("apex_kv_usage_ratio", "share of the KV blocks of a tier in use", labels=["tier"])
         free = GaugeMetricFamily("apex_kv_free_blocks", "free KV blocks of a tier", labels=["tier"])
@@ -77,6 +82,12 @@ class ServerMetrics:
                                 ["finish_reason"], registry=self.registry)
         self.responses = Counter("apex_http_responses", "HTTP responses by endpoint and status",
                                  ["endpoint", "status"], registry=self.registry)
+        self.client_disconnects = Counter("apex_http_client_disconnects",
+                                          "clients that left before their answer, by endpoint and phase (body: "
+                                          "while sending the request; response: while waiting or streaming)",
+                                          ["endpoint", "phase"], registry=self.registry)
+        self.read_timeouts = Counter("apex_http_read_timeouts", "connections closed because the request headers "
+                                     "or body did not arrive in time, by phase", ["phase"], registry=self.registry)
 
     def observe_finished(self, output, delta: Delta) -> None:
         """Called on the loop thread for every request the engine finished."""

@@ -34,7 +34,7 @@ from typing import Any
 from apexlib.core.clock import clock
 from apexlib.core.request import SamplingParams
 from apexlib.engine.args import EngineArgs
-from apexlib.serve.loop import Delta, EngineLoop, LoopSnapshot, RequestStream, deliver
+from apexlib.serve.loop import Delta, EngineLoop, LoopSnapshot, RequestStream, deliver, pending_from
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class _ChildLoop(EngineLoop):
     def _publish(self) -> None:
         super()._publish()
         try:
-            self.sender.post(("snapshot", self.snapshot, self.fatal_error, self._submitted))
+            self.sender.post(("snapshot", self.snapshot, self.fatal_error))
         except RuntimeError:
             self._stopping.set()  # the parent is gone: stop stepping
 
@@ -200,6 +200,18 @@ def _child_main(engine_args: EngineArgs, iteration_retries: int, conn,
             sender.close()
 
 
+def describe_exit(code: int | None) -> str:
+    """A process's exit code in words: ``killed by SIGKILL``, ``exit code 1``."""
+    if code is None:
+        return "still running, its pipe closed"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
 @dataclass
 class EngineInfo:
     """What the HTTP side reads of an engine that lives in another process: its config and tokenizer."""
@@ -241,7 +253,8 @@ class ProcessEngineLoop:
                 kind, payload = self._conn.recv()[:2]
             except EOFError:
                 self._process.join(5)
-                raise RuntimeError(f"the engine process exited with {self._process.exitcode} while starting") from None
+                raise RuntimeError(f"the engine process exited while starting "
+                                   f"({describe_exit(self._process.exitcode)})") from None
         if kind != "ready":
             self._process.join(10)
             if isinstance(payload, (ValueError, OSError)):
@@ -255,7 +268,6 @@ class ProcessEngineLoop:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # sends, _streams, _submitted
         self._submitted = 0
-        self._child_submitted = 0
         self._stopping = False
         self._reader = threading.Thread(target=self._read, name="apex-engine-reader", daemon=True)
         self._reader.start()
@@ -273,8 +285,8 @@ class ProcessEngineLoop:
 
     @property
     def num_pending(self) -> int:
-        snap = self.snapshot
-        return (self._submitted - self._child_submitted) + snap.queued + snap.waiting
+        """As :attr:`EngineLoop.num_pending`: the child counts what it received in its snapshot."""
+        return pending_from(self.snapshot, self._submitted)
 
     def submit(self, stream: RequestStream, prompt_token_ids: list[int], params: SamplingParams,
                arrival_time: float | None = None) -> None:
@@ -329,7 +341,7 @@ class ProcessEngineLoop:
                 if kind == "deltas":
                     self._dispatch(message[1])
                 elif kind == "snapshot":
-                    _, self.snapshot, fatal, self._child_submitted = message
+                    _, self.snapshot, fatal = message
                     if fatal:
                         self.fatal_error = fatal
                 elif kind == "stopped":
@@ -339,7 +351,8 @@ class ProcessEngineLoop:
                     break
         finally:
             if self.fatal_error is None and not self._stopping:
-                self.fatal_error = f"{reason} (exit code {self._process.exitcode})"
+                self._process.join(5)  # the pipe closed: the process is gone or going; reap it for its code
+                self.fatal_error = f"{reason} ({describe_exit(self._process.exitcode)})"
             with self._lock:
                 streams = list(self._streams.values())
                 self._streams.clear()

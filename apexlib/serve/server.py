@@ -3,6 +3,10 @@
 On SIGTERM or SIGINT uvicorn stops accepting connections and waits up to ``drain_timeout`` seconds for
 the requests in flight, which the engine loop keeps serving; then the loop aborts whatever is left and
 stops, and the process exits 0.
+
+:func:`uvicorn_config` is the one place uvicorn is configured (the CLI and the tests both use it): the
+httptools protocol with header/body read deadlines and a header size bound
+(:mod:`apexlib.serve.http_protocol`), uvicorn's ``limit_concurrency`` and ``timeout_keep_alive``.
 """
 
 from __future__ import annotations
@@ -56,17 +60,36 @@ def make_app(engine_args: EngineArgs, served_model_names: tuple[str, ...] | None
     return build_app(loop, serve_settings), loop
 
 
-def serve(engine_args: EngineArgs, host: str = "127.0.0.1", port: int = 8000,
-          served_model_names: tuple[str, ...] | None = None, max_waiting: int = 256, drain_timeout: float = 30.0,
-          iteration_retries: int = 1, log_level: str = "warning", engine_process: bool = True) -> int:
+def uvicorn_config(app, log_level: str = "warning", graceful_timeout: float | None = None):
+    """The :class:`uvicorn.Config` of ``app`` (built by :func:`make_app`), with its settings' HTTP limits."""
     import uvicorn
 
+    from apexlib.serve.http_protocol import bounded_protocol
+
+    settings = app.state.server.settings
+    timeouts = app.state.server.metrics.read_timeouts
+    protocol = bounded_protocol(settings.header_timeout, settings.body_timeout, settings.max_header_bytes,
+                                on_timeout=lambda phase: timeouts.labels(phase).inc())
+    drain = settings.drain_timeout if graceful_timeout is None else graceful_timeout
+    return uvicorn.Config(app, http=protocol, log_level=log_level, access_log=log_level in ("info", "debug"),
+                          timeout_graceful_shutdown=max(1, int(drain)), limit_concurrency=settings.limit_concurrency,
+                          timeout_keep_alive=settings.keep_alive_timeout)
+
+
+def serve(engine_args: EngineArgs, host: str = "127.0.0.1", port: int = 8000,
+          served_model_names: tuple[str, ...] | None = None, iteration_retries: int = 1, log_level: str = "warning",
+          engine_process: bool = True, **settings: Any) -> int:
+    """Serve until SIGTERM/SIGINT; ``settings`` are :class:`~apexlib.serve.app.ServeSettings` fields."""
+    import uvicorn
+
+    from apexlib.serve.app import ServeSettings
+
+    ServeSettings(served_model_names=("check",), **settings)  # bad settings fail before the engine loads
     sock = bind_socket(host, port)
     app, loop = make_app(engine_args, served_model_names, iteration_retries=iteration_retries,
-                         engine_process=engine_process, max_waiting=max_waiting, drain_timeout=drain_timeout)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=max(1, int(drain_timeout)),
-                            access_log=log_level in ("info", "debug"))
-    server = uvicorn.Server(config)
+                         engine_process=engine_process, **settings)
+    drain_timeout = app.state.server.settings.drain_timeout
+    server = uvicorn.Server(uvicorn_config(app, log_level))
     # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers in place
     # that is a no-op and the process exits 0 after draining.
     for signum in (signal.SIGTERM, signal.SIGINT):
