@@ -561,7 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--limit-concurrency", type=int, default=512,
                        help="open connections plus requests in flight beyond which new requests get 503 "
                             "(uvicorn's limit; 0: no limit)")
-    add_engine_arguments(serve)
+    add_engine_arguments(serve, defaults={"model": "smollm2"})
     serve.set_defaults(handler=_serve)
 
     profile = commands.add_parser(
