@@ -379,7 +379,6 @@ def run(grid: Grid, threads: int, repeats: int, block_size: int, pool_bytes: int
 
 TARGET_STREAM = 0.9  # kernel_vs_arith_stream on fp16/bf16 KV, batch >= 8, context >= 1024
 TARGET_VLLM = 1.5  # ratio_to_vllm on the same rows
-TARGET_SDPA = 4.0
 
 
 def summarize(rows: list[dict]) -> list[dict]:

@@ -10,7 +10,7 @@ Units: bandwidths in GB/s (10^9 bytes per second), compute in FLOP/s, memory in 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +188,3 @@ def get_hardware(name: str) -> HardwareSpec:
         return HARDWARE[name]
     except KeyError:
         raise ValueError(f"unknown hardware {name!r}; choose from {sorted(HARDWARE) + ['this-machine']}") from None
-
-
-def with_dram(spec: HardwareSpec, dram_gbps: float, source: str) -> HardwareSpec:
-    """A copy of ``spec`` with a measured (or otherwise sourced) host DRAM bandwidth."""
-    sources = dict(spec.sources)
-    sources["dram_gbps"] = source
-    return replace(spec, dram_gbps=dram_gbps, sources=tuple(sorted(sources.items())))

@@ -117,8 +117,3 @@ SAMPLE_PROMPTS: tuple[str, ...] = (
     "Birds migrate",
     "The old clock in the hall",
 )
-
-
-def corpus_text() -> str:
-    """Return the whole embedded corpus as one string (paragraphs separated by blank lines)."""
-    return "\n\n".join(CORPUS_PARAGRAPHS)

@@ -30,8 +30,6 @@ class Preset:
         return {name: p.default for name, p in inspect.signature(self.build).parameters.items()}
 
 
-#: NEO's CPU-sensitivity output lengths (±10% each), one run per value.
-NEO_A10G_OUTPUT_CENTERS = (50, 100, 200, 300, 400)
 #: Our choice of grid for the input/output figures (see ``input_output_grid``).
 GRID_PROMPT_CENTERS = (128, 256, 512, 1024)
 GRID_OUTPUT_CENTERS = (128, 256, 512, 1024, 2048)
