@@ -32,21 +32,6 @@ def test_central_values_are_the_datasheet_profiles():
         if item.name != "host_dram_factor":
             assert getattr(model, item.name) == pytest.approx(item.central), item.name
     assert scenario_cost_model(model, "central") is model
-    # the profile holds the datasheet's GPU memory; the KV sizing sees it less the unavailable part
-    assert model.sizable_memory_gib == pytest.approx(model.spec.memory_gib - 0.5)
-
-
-def test_the_t4_memory_range_reaches_the_simulated_gpu_tier():
-    """The simulated T4's GPU KV pool (sized as the engine would) follows the memory assumption's range."""
-    model = load_cost_model(datasheet_profile_path("t4", "data/profiles"), LLAMA2_7B, "float16")
-    workload = get_preset("grid-point", prompt_len=64, output_len=64, num_requests=2, seed=0)
-    blocks = {}
-    for scenario in SCENARIOS:
-        result = simulate(workload, cost_model=scenario_cost_model(model, scenario), model="llama-2-7b",
-                          policy="gpu_only", dtype="float16", max_model_len=workload.max_total_len)
-        blocks[scenario] = result.provenance["num_gpu_blocks"]
-    # more memory the sizing cannot see -> a smaller GPU tier -> the corner that favours offload
-    assert blocks["offload-adverse"] > blocks["central"] > blocks["offload-friendly"] > 0
 
 
 def test_corners_move_every_assumption_in_its_direction():

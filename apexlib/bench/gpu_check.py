@@ -427,32 +427,26 @@ def checkpoint_weight_bytes(path: Path) -> int:
     return sum(file.stat().st_size for file in path.glob("*.safetensors"))
 
 
-def t4_gpu_kv_gib(model_config: Any, weight_bytes: int, max_num_batched_tokens: int | None = None,
-                  scenario: str = "central") -> tuple[float, str]:
+def t4_gpu_kv_gib(model_config: Any, weight_bytes: int, max_num_batched_tokens: int | None = None) -> tuple[float, str]:
     """The GPU KV budget the engine would size on a T4 next to these weights, and how it is derived.
 
     The engine's own rule (``EngineArgs.create_engine_config``): (device memory - weights - activation
     reserve) x ``DEVICE_MEMORY_UTILIZATION``, with the T4's memory from its datasheet entry
-    (``apexlib.costs.hardware``) less what the sizing cannot see (the ``gpu_memory_unavailable_gib``
-    assumption at ``scenario``); the same rule the simulator applies to a T4 roofline."""
-    from apexlib.costs.assumptions import assumption, sizable_gpu_memory_gib
+    (``apexlib.costs.hardware``); the same rule the simulator applies to a T4 roofline.
+    """
     from apexlib.costs.hardware import get_hardware
     from apexlib.engine.args import DEVICE_MEMORY_UTILIZATION, activation_reserve_bytes
 
     t4 = get_hardware("t4")
-    memory_gib = sizable_gpu_memory_gib(t4.memory_gib, scenario)
     reserve = activation_reserve_bytes(model_config, max_num_batched_tokens)
-    free = memory_gib * GIB - weight_bytes - reserve
+    free = t4.memory_gib * GIB - weight_bytes - reserve
     if free <= 0:
         raise ValueError(f"{weight_bytes / GIB:.2f} GiB of weights + {reserve / GIB:.2f} GiB activation reserve do "
-                         f"not fit in the {memory_gib:.2f} GiB a T4's KV sizing sees")
+                         f"not fit in a T4's {t4.memory_gib} GiB")
     gib = free * DEVICE_MEMORY_UTILIZATION / GIB
-    unavailable = assumption("gpu_memory_unavailable_gib")
-    reason = (f"T4: {t4.memory_gib:g} GiB ({t4.name} datasheet) - {t4.memory_gib - memory_gib:.2f} GiB the sizing "
-              f"cannot see ({scenario} of the {unavailable.low:g}-{unavailable.high:g} GiB assumption) - weights "
-              f"{weight_bytes / GIB:.2f} GiB - activation reserve {reserve / GIB:.2f} GiB = {free / GIB:.2f} GiB, x "
-              f"{DEVICE_MEMORY_UTILIZATION} (the engine's share of free device memory for KV) = {gib:.2f} GiB: the "
-              f"pool the engine would size on a T4")
+    reason = (f"T4: {t4.memory_gib:g} GiB ({t4.name} datasheet) - weights {weight_bytes / GIB:.2f} GiB - activation "
+              f"reserve {reserve / GIB:.2f} GiB = {free / GIB:.2f} GiB, x {DEVICE_MEMORY_UTILIZATION} (the engine's "
+              f"share of free device memory for KV) = {gib:.2f} GiB: the pool the engine would size on a T4")
     return gib, reason
 
 
@@ -477,10 +471,6 @@ def make_plan(size: CheckSize, model_path: Path, num_requests: int | None = None
     if size.kv_cap == "t4":
         gib, reason = t4_gpu_kv_gib(model_config, plan["weight_bytes"])
         plan.update(gpu_kv_gib=round(gib, 4), num_gpu_blocks=None, gpu_kv_reason=reason)
-        # the cap over the T4 memory assumption's range (the run uses the central one)
-        plan["gpu_kv_gib_by_scenario"] = {
-            scenario: round(t4_gpu_kv_gib(model_config, plan["weight_bytes"], scenario=scenario)[0], 4)
-            for scenario in ("offload-adverse", "central", "offload-friendly")}
         gpu_bytes = gib * GIB
     else:
         plan.update(gpu_kv_gib=None, num_gpu_blocks=size.num_gpu_blocks,

@@ -57,9 +57,8 @@ class Assumption:
         return self.high if friendly == self.favours_offload else self.low
 
 
-# Roofline efficiency factors and the GPU memory the KV sizing cannot see (RooflineCostModel fields),
-# and the host DRAM figure (a factor on the hardware profile's dram_gbps, whose central value and
-# source live in apexlib.costs.hardware).
+# Roofline efficiency factors (RooflineCostModel fields) and the host DRAM figure (a factor on the
+# hardware profile's dram_gbps, whose central value and source live in apexlib.costs.hardware).
 ASSUMPTIONS: tuple[Assumption, ...] = (
     Assumption("memory_efficiency", 0.6, 0.7, 0.85, "of GPU memory bandwidth", False,
                "decode GEMVs reach 60-85% of HBM/GDDR bandwidth in public kernel benchmarks; 0.7 central"),
@@ -81,14 +80,6 @@ ASSUMPTIONS: tuple[Assumption, ...] = (
                "NEO's predictor charges 0.8 ms (swiftllm/perfpredictor.py lnch_T); +-50% for other hosts. "
                "Higher values slow NEO's published runtime only, so 'offload-friendly' (a favourable corner "
                "for every hybrid policy against GPU-only) takes it low"),
-    Assumption("gpu_memory_unavailable_gib", 0.35, 0.5, 0.8, "GiB of the GPU's datasheet memory", True,
-               "what the engine's KV sizing cannot see of the datasheet memory (16 GB = 14.9 GiB on a T4, "
-               "rounded to 15): a T4 reports ~14.75 GiB total_memory, and the CUDA context, the CUDA "
-               "libraries and torch's allocator hold 0.1-0.55 GiB more before mem_get_info. On a T4 with "
-               "Llama-2-7B fp16 the engine's GPU KV pool is then 0.77/0.63/0.36 GiB (low/central/high: "
-               "1568/1280/736 tokens); NEO's T4 configuration fixes 54 blocks (864 tokens). `apex gpu-check` "
-               "records total_memory and the free memory after CUDA init and after the load in plan.json, "
-               "so a lent GPU can replace this"),
 )
 
 
@@ -97,12 +88,6 @@ def assumption(name: str) -> Assumption:
         if item.name == name:
             return item
     raise ValueError(f"unknown assumption {name!r}; known: {[a.name for a in ASSUMPTIONS]}")
-
-
-def sizable_gpu_memory_gib(datasheet_gib: float, scenario: str = "central") -> float:
-    """The GPU memory the engine sizes its pools from in ``scenario``: the datasheet's minus
-    ``gpu_memory_unavailable_gib`` (``RooflineCostModel.sizable_memory_gib`` for a roofline)."""
-    return datasheet_gib - assumption("gpu_memory_unavailable_gib").value(scenario)
 
 
 def scenario_cost_model(model: Any, scenario: str) -> Any:

@@ -51,15 +51,6 @@ class RooflineCostModel(CostModel):
     iteration_overhead_seconds: float = 1e-3
     inline_launch_seconds: float = NEO_LAUNCH_SECONDS
     efficiency_source: str = DEFAULT_EFFICIENCY_SOURCE
-    # GiB of the datasheet memory (spec.memory_gib) the engine's KV sizing cannot see: the gap to what
-    # the device reports and what the CUDA context and libraries hold; the central value of the
-    # ``gpu_memory_unavailable_gib`` assumption (apexlib.costs.assumptions), which sets it per scenario
-    gpu_memory_unavailable_gib: float = 0.5
-
-    @property
-    def sizable_memory_gib(self) -> float:
-        """The device memory the engine sizes its pools from (before weights and the activation reserve)."""
-        return self.spec.memory_gib - self.gpu_memory_unavailable_gib
 
     @property
     def hardware(self) -> str:  # type: ignore[override]

@@ -122,12 +122,10 @@ def _free_device_bytes(cost_model: CostModel, model_config: ModelConfig, dtype: 
     if spec is None:
         raise ValueError("device='cuda' with neither num_gpu_blocks nor gpu_kv_gib needs a roofline cost model "
                          "(its HardwareSpec gives the GPU memory); pass num_gpu_blocks or gpu_kv_gib")
-    # the datasheet memory less what the engine's sizing cannot see (RooflineCostModel.sizable_memory_gib)
-    memory_gib = getattr(cost_model, "sizable_memory_gib", spec.memory_gib)
-    free = memory_gib * GIB - _weight_bytes(model_config, dtype) \
+    free = spec.memory_gib * GIB - _weight_bytes(model_config, dtype) \
         - activation_reserve_bytes(model_config, max_num_batched_tokens)
     if free <= 0:
-        raise ValueError(f"{model_config.path} ({dtype}) does not fit in the {memory_gib:.2f} GiB of {spec.name} "
+        raise ValueError(f"{model_config.path} ({dtype}) does not fit in {spec.name}'s {spec.memory_gib} GiB "
                          f"with the activation reserve")
     return int(free)
 
