@@ -73,7 +73,7 @@ def test_simulate_bound_adds_a_bound_row_above_every_policy(tmp_path, capsys):
 
     assert main(["simulate", "--cost-model", "roofline:t4", "--model", "llama-2-7b", "--dtype", "float16",
                  "--policy", "gpu_only", "apex", "--workload", "t4-decode-heavy", "--num-requests", "8",
-                 "--rate", "0", "--gpu-kv-gib", "0.3", "--cpu-kv-gib", "2", "--out", str(tmp_path),
+                 "--rate", "0", "--gpu-kv-gib", "0.5", "--cpu-kv-gib", "2", "--out", str(tmp_path),
                  "--experiment", "b", "--no-iterations", "--bound"]) == 0
     assert "fraction of bound" in capsys.readouterr().out
     rows = pd.read_csv(tmp_path / "b" / "rows.csv")
