@@ -24,8 +24,9 @@ import seaborn as sns  # noqa: E402
 logger = logging.getLogger(__name__)
 
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
-POLICY_ORDER = ("gpu_only", "neo_published", "neo", "apex", "hybrid", "vllm")
-POLICY_LABELS = {"gpu_only": "GPU-only (vLLM-like)", "neo_published": "NEO (published runtime)",
+POLICY_ORDER = ("gpu_only", "vllm_offload", "neo_published", "neo", "apex", "hybrid", "vllm", "bound")
+POLICY_LABELS = {"gpu_only": "GPU-only (vLLM-like)", "vllm_offload": "vLLM + CPU KV offload",
+                 "bound": "bound (best schedule on the cost model)", "neo_published": "NEO (published runtime)",
                  "neo": "NEO policy on apexlib's runtime", "apex": "APEX (async overlap + pipelining)",
                  "hybrid": "fixed hybrid", "vllm": "vLLM"}
 
