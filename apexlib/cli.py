@@ -127,6 +127,10 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.goodput:  # a bad SLO fails before anything runs
+        from apexlib.core.metrics import parse_goodput
+
+        parse_goodput(args.goodput)
     if args.target == "cpu-attention":
         from apexlib.bench.cpu_attention import main as cpu_attention_main
 
@@ -212,6 +216,11 @@ def _write_and_summarise(results: list, args: argparse.Namespace, grid_prefix: s
     from apexlib.bench.report import print_summary
     from apexlib.core.results import write_results
 
+    if getattr(args, "goodput", None):
+        from apexlib.core.metrics import parse_goodput
+
+        slo = parse_goodput(args.goodput)
+        results[:] = [result.with_slo(slo) for result in results]
     experiment = args.experiment or (results[0].experiment if len(results) == 1 else
                                      grid_prefix + results[0].provenance["date_utc"][:19].replace(":", ""))
     directory = write_results(results, args.out, experiment)
@@ -512,6 +521,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run (not counted)")
     bench.add_argument("--out", default=None, help="results root (default: data/results)")
     bench.add_argument("--experiment", default=None, help="results subfolder name (default: derived from the run)")
+    bench.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                       help="engine, serve: goodput as vLLM's `bench serve --goodput` defines it: a request is good "
+                            "when every metric given is within its SLO (KEY ttft, tpot or e2el, in milliseconds, "
+                            "e.g. ttft:2000 tpot:150); adds good_completed and request_goodput (good requests/s)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(handler=_bench, rest=[])
 
