@@ -79,8 +79,11 @@ def throughput_by_policy(frame: pd.DataFrame, *, x: str, title: str, caption: st
                          ylabel: str = "output tokens / s") -> plt.Figure:
     """Grouped bars: ``y`` per ``x`` setting, one bar per policy (optionally one panel per ``col``), with a
     legend naming each policy beside the panels. When ``frame`` has ``<y>_low`` and ``<y>_high`` columns
-    (the results over an assumption's range), each bar carries that range as an error bar."""
+    (the results over an assumption's range), each bar carries that range as an error bar. Rows with
+    ``policy`` = ``bound`` (``apexlib.sim.bound``) are drawn as an open, hatched bar, and every other bar
+    is labelled with its fraction of the bound of the same setting."""
     frame, order = _labelled(frame)
+    bound_label = policy_label("bound")
     panels = list(dict.fromkeys(frame[col])) if col else [None]
     settings = list(dict.fromkeys(frame[x]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 2.2, 3.6), squeeze=False)
@@ -95,14 +98,24 @@ def throughput_by_policy(frame: pd.DataFrame, *, x: str, title: str, caption: st
             error = None
             if ranged:
                 error = [(rows[y] - rows[f"{y}_low"]).clip(lower=0), (rows[f"{y}_high"] - rows[y]).clip(lower=0)]
-            axis.bar(positions, rows[y], width=width, color=colors[policy], label=policy, yerr=error,
-                     capsize=2 if ranged else 0, error_kw={"linewidth": 0.8})
+            style = ({"facecolor": "white", "edgecolor": "black", "hatch": "///", "linewidth": 0.6}
+                     if policy == bound_label else {"color": colors[policy]})
+            axis.bar(positions, rows[y], width=width, label=policy, yerr=error, capsize=2 if ranged else 0,
+                     error_kw={"linewidth": 0.8}, **style)
+            if bound_label in order and policy != bound_label:
+                bound = part[part["policy"] == bound_label].set_index(x).reindex(settings)[y]
+                for position, value, ceiling in zip(positions, rows[y], bound, strict=True):
+                    if pd.notna(value) and pd.notna(ceiling) and ceiling > 0:
+                        axis.text(position, value, f"{value / ceiling:.2f}", rotation=90, ha="center",
+                                  va="bottom", fontsize=5)
         axis.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=8)
         axis.set_xlabel(x.replace("_", " "))
         axis.set_ylabel(ylabel)
         if panel is not None:
             axis.set_title(str(panel), fontsize=9)
     note = " (error bars: results over the assumptions' low..high range)" if ranged else ""
+    if bound_label in order:
+        note += "; numbers: fraction of the bound"
     axes[0][-1].legend(title=f"policy{note}", fontsize=7, title_fontsize=7, loc="upper left",
                        bbox_to_anchor=(1.02, 1.0))
     return _finish(fig, title, caption)
@@ -133,6 +146,15 @@ def gain_over_baseline(frame: pd.DataFrame, *, x: str, baseline: str = "gpu_only
     base = frame[frame["policy"] == baseline].set_index(keys)[y].rename("baseline")
     joined = frame.join(base, on=keys)
     joined["gain_percent"] = 100.0 * (joined[y] / joined["baseline"] - 1.0)
+    return joined
+
+
+def fraction_of_bound(frame: pd.DataFrame, *, keys: Sequence[str], y: str = "output_throughput") -> pd.DataFrame:
+    """``frame`` with ``bound`` (the ``y`` of the row with ``policy`` = ``bound`` at the same ``keys``) and
+    ``fraction_of_bound`` = ``y`` / ``bound`` on every row."""
+    bound = frame[frame["policy"] == "bound"].set_index(list(keys))[y].rename("bound")
+    joined = frame.drop(columns=[c for c in ("bound", "fraction_of_bound") if c in frame]).join(bound, on=list(keys))
+    joined["fraction_of_bound"] = joined[y] / joined["bound"]
     return joined
 
 

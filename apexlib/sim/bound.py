@@ -50,6 +50,11 @@ the PCIe bytes every schedule pays are the q/k/v and output copies of its CPU de
 - the token budget ``f + g + c <= n * max_num_batched_tokens``, the running-request limit ``g + c <= n *
   min(max_num_seqs, requests)``, sampled rows ``g + c <= s <= g + c + f``, and the type's own
   ``>= 1`` per iteration (e.g. ``c >= n`` for ``async_overlap``);
+- which contexts a tier gets: the GPU decodes of a run are some of the workload's decode steps, so in
+  total they read at least what as many of its shortest steps read (``sum Kg >= F(sum g)``, ``F`` the
+  sum of the ``m`` shortest contexts, convex, entered as tangents); the same for the CPU decodes. The
+  per-iteration limits alone would let the LP give the GPU only short contexts and the CPU only long
+  ones, which no run can do over a whole workload;
 - the work: ``sum s >= output tokens``; ``sum (g + c) + E >= D`` and ``sum f >= P + (p_min + 1) * E``
   and ``sum (Kg + Kc) + ctx_max * E >= K``, where ``D`` is the decode steps, ``P`` the prompt tokens
   and ``K`` the sum over decode steps of their context (``prompt_len + j`` for the step that emits
@@ -77,6 +82,7 @@ does).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -125,6 +131,9 @@ class BoundInputs:
     max_num_seqs: int
     transfer_bytes_per_cpu_token: int = 0
     transfer_to_cpu_fraction: float = 0.75
+    # (m, the sum of the m shortest decode contexts, the (m+1)-th shortest context) at breakpoints m:
+    # tangents of the convex function "least KV any m decode steps read"
+    context_tangents: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class BoundResult:
     inputs: BoundInputs
     schedule: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     recomputed_decodes: float = 0.0
+    # the bound over schedules that never recompute (``throughput_bound(allow_recompute=False)``), when computed
+    without_recompute: BoundResult | None = None
 
     def summary_row(self, **labels: Any) -> dict[str, Any]:
         """One summary row in the simulator's columns: ``policy`` = ``bound`` and its output throughput."""
@@ -144,10 +155,14 @@ class BoundResult:
                                "output_throughput": self.output_throughput,
                                "duration_s": self.total_seconds, "completed": self.inputs.num_requests,
                                "total_output_tokens": self.inputs.output_tokens}
-        for kind, values in self.schedule.items():
-            row[f"bound_{kind}_iterations"] = values.get("iterations", 0.0)
-            row[f"bound_{kind}_cpu_decodes"] = values.get("cpu_decodes", 0.0)
-            row[f"bound_{kind}_gpu_decodes"] = values.get("gpu_decodes", 0.0)
+        row["bound_recomputed_decodes"] = self.recomputed_decodes
+        if self.without_recompute is not None:
+            row["bound_without_recompute"] = self.without_recompute.output_throughput
+        plain = self.without_recompute or self  # the schedule a reader can follow: no recompute
+        for kind, values in plain.schedule.items():
+            for name in ("iterations", "gpu_decodes", "cpu_decodes", "gpu_kv_tokens", "cpu_kv_tokens",
+                         "prefill_tokens"):
+                row[f"bound_{kind}_{name}"] = values.get(name, 0.0)
         row.update(labels)
         return row
 
@@ -162,13 +177,46 @@ def bound_inputs(workload: Workload, config: EngineConfig, transfer_bytes_per_cp
     # the step that emits output j + 1 (j = 1 .. o - 1) reads prompt_len + j tokens
     kv = sum((r.output_len - 1) * r.prompt_len + (r.output_len - 1) * r.output_len // 2 for r in requests)
     block = config.cache.block_size
-    return BoundInputs(
+    return BoundInputs(context_tangents=_context_tangents(workload),
         prompt_tokens=sum(r.prompt_len for r in requests), output_tokens=sum(r.output_len for r in requests),
         decode_steps=steps, decode_kv_tokens=kv, min_prompt_len=min(r.prompt_len for r in requests),
         max_context=max(r.prompt_len + r.output_len for r in requests), num_requests=len(requests),
         gpu_kv_tokens=config.cache.num_gpu_blocks * block, cpu_kv_tokens=config.cache.num_cpu_blocks * block,
         max_num_batched_tokens=config.scheduler.max_num_batched_tokens, max_num_seqs=config.scheduler.max_num_seqs,
         transfer_bytes_per_cpu_token=transfer_bytes_per_cpu_token, transfer_to_cpu_fraction=transfer_to_cpu_fraction)
+
+
+_TANGENTS = 64
+
+
+def _context_tangents(workload: Workload) -> tuple[tuple[int, int, int], ...]:
+    """Tangents of ``F(m)``, the sum of the ``m`` shortest decode-step contexts of ``workload`` (each
+    request's steps read ``prompt_len + 1 .. prompt_len + output_len - 1``), at ``_TANGENTS`` + 1 evenly
+    spaced ``m``. ``F`` is convex (its increments are the sorted contexts), so ``F(m) >= F(k) + c_(k+1) *
+    (m - k)`` for every ``m``: any set of ``m`` decode steps reads at least that."""
+    counts: dict[int, int] = {}
+    for r in workload.requests:  # a histogram by context: requests share most of their range
+        for context in range(r.prompt_len + 1, r.prompt_len + r.output_len):
+            counts[context] = counts.get(context, 0) + 1
+    total = sum(counts.values())
+    if total == 0:
+        return ()
+    targets = sorted({round(total * i / _TANGENTS) for i in range(_TANGENTS + 1)})
+    tangents: list[tuple[int, int, int]] = []
+    taken = prefix = 0
+    contexts = sorted(counts)
+    index = 0
+    for target in targets:
+        while index < len(contexts) and taken + counts[contexts[index]] <= target:
+            taken += counts[contexts[index]]
+            prefix += contexts[index] * counts[contexts[index]]
+            index += 1
+        if index == len(contexts):
+            tangents.append((total, prefix, contexts[-1]))
+            break
+        partial = target - taken  # part of the next context's steps
+        tangents.append((target, prefix + partial * contexts[index], contexts[index]))
+    return tuple(tangents)
 
 
 @dataclass(frozen=True)
@@ -358,6 +406,18 @@ def throughput_bound(inputs: BoundInputs, cost_model: CostModel, allow_recompute
     for t in _TYPES:
         rows[v[t]["s"]] = 1.0
         prefill[v[t]["f"]] = 1.0
+    # GPU decodes (and CPU decodes) are some of the workload's decode steps: they read at least what the
+    # same number of its shortest steps read
+    for names in (("Kg",), ("Kc", "KcA", "KcB")):
+        counts = {"Kg": ("g",), "Kc": ("c",), "KcA": ("cA",), "KcB": ("cB",)}
+        for m, least, slope in inputs.context_tangents:
+            terms: dict[str, float] = {}
+            for t in ("none", "async_overlap", "asymmetric_pipeline"):
+                for kv_name in names:
+                    if kv_name in v[t]:
+                        terms[v[t][kv_name]] = 1.0
+                        terms[v[t][counts[kv_name][0]]] = -float(slope)
+            lp.ge(terms, float(least - slope * m))
     lp.ge(work_decodes, inputs.decode_steps)
     lp.ge(work_kv, inputs.decode_kv_tokens)
     lp.ge(rows, inputs.output_tokens)
@@ -400,12 +460,14 @@ def throughput_bound(inputs: BoundInputs, cost_model: CostModel, allow_recompute
 
 def simulated_bound(workload: Workload, settings=None, *, cost_model: CostModel, **engine_args: Any) -> BoundResult:
     """The bound for ``workload`` on ``cost_model`` with the engine limits ``simulate`` would resolve from
-    the same ``settings`` (or keywords): its GPU and CPU KV tiers, token budget and request limit."""
+    the same ``settings`` (or keywords): its GPU and CPU KV tiers, token budget and request limit; with
+    ``without_recompute``, the bound over the schedules that never recompute."""
     from apexlib.core.models import resolve_model_config
     from apexlib.sim.simulator import simulated_engine_config, simulation_settings
 
     settings = simulation_settings(settings, dict(engine_args))
     config = simulated_engine_config(workload, settings, cost_model)
     transfer = cpu_transfer(resolve_model_config(settings.engine.model), config.dtype, config.device)
-    return throughput_bound(bound_inputs(workload, config, transfer.bytes_per_token, transfer.to_cpu_fraction),
-                            cost_model)
+    inputs = bound_inputs(workload, config, transfer.bytes_per_token, transfer.to_cpu_fraction)
+    result = throughput_bound(inputs, cost_model)
+    return dataclasses.replace(result, without_recompute=throughput_bound(inputs, cost_model, allow_recompute=False))
