@@ -17,6 +17,11 @@
 # # 03 · Offline throughput: APEX vs NEO vs GPU-only (vLLM-like)
 #
 # The paper's main comparison over its workload grid (decode-heavy: short prompts, long outputs).
+# Two vLLM baselines: **GPU-only** (vLLM's default: a preempted request is recomputed) and **vLLM + CPU
+# KV offload** (`--kv-offloading-backend native`: a preempted request's KV waits in host memory and comes
+# back over PCIe; no CPU attention). Beside every bar: the **bound**, the best throughput any schedule
+# can reach on the same cost model (`apexlib.sim.bound`, a linear program), and each policy's fraction
+# of it.
 #
 # * **Simulated** (this machine has no T4/A10): the engine's own scheduler and policies on a virtual
 #   clock, timed by a roofline cost model of each GPU + host (datasheet bandwidths; efficiency factors
@@ -31,7 +36,7 @@ quick = False            # a small grid (the CI smoke test); writes under build/
 run_experiments = True   # False: rebuild the figures from data/results alone
 model_path = None        # a local checkpoint directory: real runs of that model where supported
 hardware_models = [("t4", "llama-2-7b"), ("a10g-16vcpu", "llama-2-7b"), ("a10g-16vcpu", "llama-3.1-8b")]
-policies = ["gpu_only", "neo_published", "neo", "apex"]
+policies = ["gpu_only", "vllm_offload", "neo_published", "neo", "apex"]
 cpu_kv_gib = 20.0
 prompt_centers = [128, 512]
 output_centers = [256, 1024]
@@ -64,6 +69,7 @@ from apexlib.costs import datasheet_roofline
 # %%
 from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
 from apexlib.sim.batch import SimulationJob, simulate_rows
+from apexlib.sim.bound import simulated_bound
 from apexlib.workloads import get_preset, input_output_grid
 
 display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
@@ -85,12 +91,23 @@ if run_experiments:
                              max_model_len=workload.max_total_len),
                         dict(hardware=hardware, model=model, policy=policy, scenario=scenario,
                              setting=workload.name.removeprefix("grid-"))))
-    pd.DataFrame(simulate_rows(jobs, description="03 grid")).to_csv(simulated_path, index=False)
+    rows = simulate_rows(jobs, description="03 grid")
+    # the bound of every grid point and scenario, with the KV tiers a hybrid policy gets
+    for job in jobs:
+        if job.labels["policy"] == "apex":
+            bound = simulated_bound(job.workload, cost_model=job.cost_model, **job.options)
+            rows.append(bound.summary_row(**{**job.labels, "policy": "bound"}))
+    pd.DataFrame(rows).to_csv(simulated_path, index=False)
 simulated = pd.read_csv(simulated_path)
 keys = ["hardware", "model", "setting", "policy"]
 central = plots.with_scenario_range(simulated, keys=keys)
-gains = plots.gain_over_baseline(simulated, x="setting", by=("hardware", "model", "scenario"))
-best_other = (simulated[simulated["policy"] != "apex"].groupby(["hardware", "model", "setting", "scenario"])
+point = ["hardware", "model", "setting", "scenario"]
+fractions = plots.fraction_of_bound(simulated, keys=point)
+display(fractions[fractions["policy"] != "bound"].pivot_table(
+    index=["hardware", "model", "setting"], columns=["policy", "scenario"], values="fraction_of_bound").round(3))
+gains = plots.gain_over_baseline(simulated[simulated["policy"] != "bound"], x="setting",
+                                 by=("hardware", "model", "scenario"))
+best_other = (simulated[~simulated["policy"].isin(["apex", "bound"])].groupby(point)
               ["output_throughput"].max().rename("best_baseline"))
 apex_ratio = simulated[simulated["policy"] == "apex"].join(best_other,
                                                            on=["hardware", "model", "setting", "scenario"])
@@ -105,7 +122,8 @@ central["gpu / model"] = central["hardware"] + " · " + central["model"]
 caption = plots.provenance_caption(
     executor="simulator",
     source="roofline cost models of " + ", ".join(sorted(set(central["hardware"])))
-    + f" (+{cpu_kv_gib:g} GiB CPU KV); bars: central assumptions, error bars: their low..high corners",
+    + f" (+{cpu_kv_gib:g} GiB CPU KV); bars: central assumptions, error bars: their low..high corners; "
+    "hatched: the bound (apexlib.sim.bound), numbers: fraction of it",
     model="Llama-2-7B / Llama-3.1-8B fp16 shapes",
     workload=f"grid of prompt x output centers +-10%, {num_requests} requests, offline")
 fig = plots.throughput_by_policy(central, x="setting", col="gpu / model",
