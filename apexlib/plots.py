@@ -168,10 +168,11 @@ def with_scenario_range(frame: pd.DataFrame, *, keys: Sequence[str], y: str = "o
 
 def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, panel: str,
                           latencies: Sequence[str] = ("tpot_p90_s", "ttft_p90_s"),
-                          slo: Mapping[str, float] | None = None, throughput: str = "output_throughput") -> plt.Figure:
+                          slo: Mapping[str, float] | None = None, throughput: str = "output_throughput",
+                          ceilings: Mapping[str, float] | None = None) -> plt.Figure:
     """Output throughput against each latency percentile (one point per request rate, one line per
     policy), one row of panels per ``panel`` value; ``slo`` maps a panel value to its TPOT SLO (a
-    vertical line on the TPOT panels)."""
+    vertical line on the TPOT panels), ``ceilings`` to a throughput bound (a horizontal line)."""
     frame, order = _labelled(frame)
     panels = list(dict.fromkeys(frame[panel]))
     fig, axes = plt.subplots(len(panels), len(latencies), figsize=(4.2 * len(latencies) + 2.0, 2.9 * len(panels)),
@@ -191,6 +192,9 @@ def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, pane
                               markersize=3, color=colors[policy], alpha=1.0 if central else 0.3,
                               linestyle="-" if central else "--", linewidth=1.2 if central else 0.8,
                               label=policy if central and row == 0 and column == len(latencies) - 1 else None)
+            if ceilings is not None and value in ceilings:
+                axis.axhline(ceilings[value], color="black", linestyle=":", linewidth=0.8)
+                axis.text(axis.get_xlim()[0], ceilings[value], " offline bound", fontsize=6, va="bottom")
             if slo is not None and metric.startswith("tpot") and value in slo:
                 axis.axvline(slo[value], color="grey", linestyle="--", linewidth=0.8)
                 axis.text(slo[value], axis.get_ylim()[1], " SLO", fontsize=7, va="top", color="grey")
@@ -202,6 +206,34 @@ def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, pane
             axis.set_title(str(value), fontsize=8)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy",
                        title_fontsize=7)
+    return _finish(fig, title, caption)
+
+
+def goodput_vs_rate(frame: pd.DataFrame, *, title: str, caption: str, panel: str, x: str = "rate",
+                    y: str = "request_goodput", slo_text: Mapping[str, str] | None = None) -> plt.Figure:
+    """Goodput (good requests/s) against the request rate, one line per policy, one panel per ``panel``
+    value; the central scenario solid, the assumptions' corners faint; ``slo_text`` names each panel's SLOs."""
+    frame, order = _labelled(frame)
+    panels = list(dict.fromkeys(frame[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.0, 3.4), squeeze=False)
+    colors = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+    scenarios = list(dict.fromkeys(frame["scenario"])) if "scenario" in frame else [None]
+    for axis, value in zip(axes[0], panels, strict=True):
+        part = frame[frame[panel] == value].sort_values(x)
+        for scenario in scenarios:
+            central = scenario in (None, "central")
+            lines = part if scenario is None else part[part["scenario"] == scenario]
+            for policy in order:
+                line = lines[lines["policy"] == policy]
+                axis.plot(line[x], line[y], marker="o" if central else None, markersize=3, color=colors[policy],
+                          alpha=1.0 if central else 0.3, linestyle="-" if central else "--",
+                          label=policy if central and axis is axes[0][-1] else None)
+        axis.plot(part[x].drop_duplicates(), part[x].drop_duplicates(), color="grey", linewidth=0.6,
+                  linestyle=":", label="offered load" if axis is axes[0][-1] else None)
+        axis.set_xlabel("request rate (req/s)")
+        axis.set_ylabel("goodput (good requests / s)")
+        axis.set_title(f"{value}\n{slo_text[value]}" if slo_text and value in slo_text else str(value), fontsize=8)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy", title_fontsize=7)
     return _finish(fig, title, caption)
 
 
