@@ -137,3 +137,15 @@ gap = gap.reset_index()
 gap["policy"] = gap["policy"].map(plots.policy_label)
 gap.to_csv(results_dir / "fraction_of_bound.csv", index=False)
 display(gap.round(3))
+
+# %%
+ranged = plots.with_scenario_range(fractions, keys=["hardware", "model", "setting", "policy"], y="fraction_of_bound")
+ranged["gpu / model"] = ranged["hardware"] + " · " + ranged["model"]
+caption = ("apexlib: simulated from roofline cost models (notebook 03); bars: each policy's throughput over the "
+           "bound of the same grid point (apexlib.sim.bound) at the central assumptions, error bars: the same "
+           "fraction at the assumptions' low..high corners. Llama-2-7B (T4, A10G), Llama-3.1-8B (A10G), fp16, "
+           "100 requests, offline")
+fig = plots.throughput_by_policy(ranged, x="setting", col="gpu / model", y="fraction_of_bound",
+                                 ylabel="fraction of the bound", title="Distance to the bound (simulated)",
+                                 caption=caption)
+plots.save_figure(fig, "08-fraction-of-bound", figures_dir)
