@@ -131,6 +131,48 @@ fig = plots.throughput_by_policy(central, x="setting", col="gpu / model",
 plots.save_figure(fig, "03-offline-throughput-simulated", figures_dir)
 
 # %% [markdown]
+# ## Where APEX's distance to the bound goes
+#
+# The bound's best schedule (below: the one without recompute, per iteration) runs the same iteration for
+# the whole run. A run cannot: it starts with every prompt to prefill, and it ends in a **drain**, where
+# the waiting queue is empty and fewer requests are left than the bound's iteration advances; no schedule
+# can run the bound's iteration there. APEX's run (central assumptions, its iteration trace) is split into
+# prefill iterations, drain iterations and the rest ("steady"); `steady / bound` compares its steady rate
+# with the bound.
+
+# %%
+gap_path = results_dir / "bound_gap.csv"
+if run_experiments:
+    from apexlib.sim.simulator import simulate
+
+    gap_rows = []
+    for job in jobs:
+        if job.labels["policy"] != "apex" or job.labels["scenario"] != "central":
+            continue
+        bound = simulated_bound(job.workload, cost_model=job.cost_model, **job.options).without_recompute
+        kinds = bound.schedule.values()
+        per_iteration = (sum(k["iterations"] * (k["gpu_decodes"] + k["cpu_decodes"]) for k in kinds)
+                         / sum(k["iterations"] for k in kinds))
+        trace = simulate(job.workload, cost_model=job.cost_model, **job.options).iterations.to_dataframe()
+        tokens = trace["num_gpu_decodes"] + trace["num_cpu_decodes"]
+        drain = (trace["num_waiting"] == 0) & (trace["num_running"] < per_iteration)
+        prefill = trace["num_prefill_tokens"] > 0
+        steady = ~drain & ~prefill
+        total = trace["duration"].sum()
+        gap_rows.append({**job.labels, "bound_without_recompute": bound.output_throughput,
+                         "bound_decodes_per_iteration": per_iteration,
+                         "bound_modes": "+".join(bound.schedule),
+                         "prefill_time_share": trace.loc[prefill, "duration"].sum() / total,
+                         "drain_time_share": trace.loc[drain & ~prefill, "duration"].sum() / total,
+                         "steady_rate": tokens[steady].sum() / trace.loc[steady, "duration"].sum()
+                         if steady.any() else float("nan")})
+    pd.DataFrame(gap_rows).to_csv(gap_path, index=False)
+gap = pd.read_csv(gap_path)
+gap["steady_over_bound"] = gap["steady_rate"] / gap["bound_without_recompute"]
+display(gap[["hardware", "model", "setting", "bound_modes", "bound_decodes_per_iteration", "prefill_time_share",
+             "drain_time_share", "steady_over_bound"]].round(3))
+
+# %% [markdown]
 # ## Measured on this machine (device=cpu, tiny demo model)
 
 # %%
