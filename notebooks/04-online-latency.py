@@ -149,7 +149,8 @@ caption = plots.provenance_caption(
     executor="simulator",
     source=f"roofline cost models (+{cpu_kv_gib:g} GiB CPU KV), "
     f"solid: central assumptions, faint: their low..high corners; "
-    f"SLO: TPOT p90 <= {slo_factor:g} x GPU-only unloaded",
+    f"SLO: TPOT p90 <= {slo_factor:g} x GPU-only unloaded; dotted: the offline bound of the same requests "
+    "(apexlib.sim.bound, central assumptions; its corners in the SLO table)",
     model="Llama-2-7B / Llama-3.1-8B fp16",
     workload=f"prompts {prompt_len} / outputs {output_len} +-10%, {num_requests} requests, "
     "Poisson arrivals (one point per rate)")
