@@ -15,8 +15,9 @@ the ``OffloadingConnector``). How vLLM does it, and how this policy maps it onto
   ``cpu/policies/lru.py``) and ``update_state_after_alloc`` queues a load of those blocks into newly
   allocated GPU blocks; the request resumes after the load instead of re-running its prefill. Here it
   is swapped back in (``may_swap_in``) as soon as the GPU tier has free blocks for it and its next token,
-  as vLLM's scheduler allocates them (no hysteresis: on the simulated T4 grid the hybrid policies' 95%
-  rule gave this baseline the same throughput within 1%, and fewer moves, so vLLM's own rule stays).
+  as vLLM's scheduler allocates them (no hysteresis: on a simulated T4 grid point, p128-o1024, the
+  hybrid policies' 95% rule gave this baseline the same throughput within 1% with fewer moves, so
+  vLLM's own rule stays).
 - **No CPU attention.** A request whose KV is in the CPU tier does not decode (``runs_cpu_decodes``
   is False): it waits for its blocks to come back, as in vLLM, where offloaded blocks are only a cache.
 - **Admission** is GPU-only, as vLLM's scheduler admits into GPU blocks.
