@@ -138,6 +138,10 @@ def _env(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.goodput:  # a bad SLO fails before anything runs
+        from apexlib.core.metrics import parse_goodput
+
+        parse_goodput(args.goodput)
     if args.target == "cpu-attention":
         from apexlib.bench.cpu_attention import main as cpu_attention_main
 
@@ -228,6 +232,11 @@ def _write_and_summarise(results: list, args: argparse.Namespace, grid_prefix: s
     from apexlib.bench.report import print_summary
     from apexlib.core.results import write_results
 
+    if getattr(args, "goodput", None):
+        from apexlib.core.metrics import parse_goodput
+
+        slo = parse_goodput(args.goodput)
+        results[:] = [result.with_slo(slo) for result in results]
     experiment = args.experiment or (results[0].experiment if len(results) == 1 else
                                      grid_prefix + results[0].provenance["date_utc"][:19].replace(":", ""))
     directory = write_results(results, args.out, experiment)
@@ -353,7 +362,7 @@ def _simulate(args: argparse.Namespace) -> int:
         measured_on = "cpu" if args.cost_model == "roofline:this-machine" else "cuda"
     # auto: the device the cost model describes (a device=cpu profile, this machine's roofline: no copies)
     device = ("cpu" if measured_on == "cpu" else "cuda") if args.device == "auto" else args.device
-    results = []
+    results, workloads = [], []
     for policy, workload_name, rate in itertools.product(args.policy, args.workload, args.rate or [None]):
         offline = rate is not None and rate <= 0
         workload = load_workload(workload_name, num_requests=args.num_requests, rate=None if offline else rate,
@@ -363,6 +372,7 @@ def _simulate(args: argparse.Namespace) -> int:
                                             token_seed=args.token_seed, warmup_requests=0)
         results.append(simulate(workload, settings, cost_model=cost_model, mode="offline" if offline else args.mode,
                                 experiment=args.experiment))
+        workloads.append(workload)
     experiment = args.experiment or (results[0].experiment if len(results) == 1 else
                                      "sim-grid-" + results[0].provenance["date_utc"][:19].replace(":", ""))
     directory = write_results(results, args.out, experiment)
@@ -372,13 +382,53 @@ def _simulate(args: argparse.Namespace) -> int:
         frames = [result.iterations.to_dataframe().assign(run_id=result.run_id, policy=result.provenance["policy"])
                   for result in results]
         pd.concat(frames, ignore_index=True).to_csv(directory / "iterations.csv", index=False)
-    print_summary(results, Console() if sys.stdout.isatty() else Console(width=160),
-                  title=f"apex simulate: {experiment} (virtual time on {cost_model.hardware})")
+    console = Console() if sys.stdout.isatty() else Console(width=160)
+    print_summary(results, console, title=f"apex simulate: {experiment} (virtual time on {cost_model.hardware})")
     for result in results:
         sys.stdout.write(f"{result.run_id}: {result.extra['stats']['iterations']} iterations simulated in "
                          f"{result.extra['simulation_seconds']:.2f} s\n")
+    if args.bound:
+        _simulate_bound(args, list(zip(results, workloads, strict=True)), directory, console, cost_model,
+                        model_config.path, device, dtype)
     sys.stdout.write(f"rows: {directory / 'rows.csv'}\n")
     return 0
+
+
+def _simulate_bound(args: argparse.Namespace, runs, directory, console, cost_model, model: str, device: str,
+                    dtype: str) -> None:
+    """``apex simulate --bound``: the throughput bound of every simulated workload on the same cost model and
+    KV tiers (those a hybrid policy gets from the same flags), printed beside the policies' throughput and
+    added to rows.csv as one summary row per workload with ``policy`` = ``bound``."""
+    import pandas as pd
+    from rich.table import Table
+
+    from apexlib.engine.settings import BenchmarkSettings
+    from apexlib.sim.bound import BOUND_POLICY, simulated_bound
+
+    bounds: dict[str, float] = {}
+    rows = []
+    table = Table(title=f"throughput bound on {cost_model.hardware} (offline; apexlib.sim.bound)")
+    for name in ("workload", "policy", "mode", "output tok/s", "fraction of bound"):
+        table.add_column(name, justify="left" if name in ("workload", "policy", "mode") else "right")
+    for result, workload in runs:
+        if workload.name not in bounds:
+            settings = BenchmarkSettings.create(**engine_kwargs(args, model=model, policy="apex", device=device,
+                                                                dtype=dtype, cost_model=None),
+                                                token_seed=args.token_seed, warmup_requests=0)
+            bound = simulated_bound(workload, settings, cost_model=cost_model)
+            bounds[workload.name] = bound.output_throughput
+            rows.append(bound.summary_row(experiment=result.experiment, workload=workload.name,
+                                          cost_model_hardware=str(cost_model.hardware)))
+            table.add_row(workload.name, BOUND_POLICY, "offline", f"{bound.output_throughput:.1f}", "1.000")
+        mode = str(result.provenance.get("mode"))
+        fraction = result.summary.output_throughput / bounds[workload.name]
+        table.add_row(workload.name, str(result.provenance["policy"]), mode, f"{result.summary.output_throughput:.1f}",
+                      f"{fraction:.3f}" if mode == "offline" else f"({fraction:.3f}: online, arrivals limit it)")
+    console.print(table)
+    frame = pd.concat([pd.read_csv(directory / "rows.csv"), pd.DataFrame(rows)], ignore_index=True)
+    frame.to_csv(directory / "rows.csv", index=False)
+    if (directory / "rows.parquet").exists():
+        frame.to_parquet(directory / "rows.parquet", index=False)
 
 
 def _gpu_check(args: argparse.Namespace) -> int:
@@ -522,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2, help="warm-up requests before each run (not counted)")
     bench.add_argument("--out", default=None, help="results root (default: data/results)")
     bench.add_argument("--experiment", default=None, help="results subfolder name (default: derived from the run)")
+    bench.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
+                       help="engine, serve: goodput as vLLM's `bench serve --goodput` defines it: a request is good "
+                            "when every metric given is within its SLO (KEY ttft, tpot or e2el, in milliseconds, "
+                            "e.g. ttft:2000 tpot:150); adds good_completed and request_goodput (good requests/s)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(handler=_bench, rest=[])
 
@@ -611,6 +665,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--out", default=None, help="results root (default: data/results)")
     simulate.add_argument("--experiment", default=None, help="results subfolder name (default: derived)")
     simulate.add_argument("--no-iterations", action="store_true", help="do not write iterations.csv")
+    simulate.add_argument("--bound", action="store_true",
+                          help="also compute the upper bound on offline output throughput of each workload on the "
+                               "same cost model and KV tiers (apexlib.sim.bound), print every policy's fraction of "
+                               "it and add it to rows.csv as a summary row with policy=bound")
     simulate.set_defaults(handler=_simulate)
 
     gpu_check = commands.add_parser(

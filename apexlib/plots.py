@@ -25,8 +25,9 @@ import seaborn as sns  # noqa: E402
 logger = logging.getLogger(__name__)
 
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
-POLICY_ORDER = ("gpu_only", "neo_published", "neo", "apex", "hybrid", "vllm")
-POLICY_LABELS = {"gpu_only": "GPU-only (vLLM-like)", "neo_published": "NEO (published runtime)",
+POLICY_ORDER = ("gpu_only", "vllm_offload", "neo_published", "neo", "apex", "hybrid", "vllm", "bound")
+POLICY_LABELS = {"gpu_only": "GPU-only (vLLM-like)", "vllm_offload": "vLLM + CPU KV offload",
+                 "bound": "bound (best schedule on the cost model)", "neo_published": "NEO (published runtime)",
                  "neo": "NEO policy on apexlib's runtime", "apex": "APEX (async overlap + pipelining)",
                  "hybrid": "fixed hybrid", "vllm": "vLLM"}
 
@@ -79,8 +80,11 @@ def throughput_by_policy(frame: pd.DataFrame, *, x: str, title: str, caption: st
                          ylabel: str = "output tokens / s") -> plt.Figure:
     """Grouped bars: ``y`` per ``x`` setting, one bar per policy (optionally one panel per ``col``), with a
     legend naming each policy beside the panels. When ``frame`` has ``<y>_low`` and ``<y>_high`` columns
-    (the results over an assumption's range), each bar carries that range as an error bar."""
+    (the results over an assumption's range), each bar carries that range as an error bar. Rows with
+    ``policy`` = ``bound`` (``apexlib.sim.bound``) are drawn as an open, hatched bar, and every other bar
+    is labelled with its fraction of the bound of the same setting."""
     frame, order = _labelled(frame)
+    bound_label = policy_label("bound")
     panels = list(dict.fromkeys(frame[col])) if col else [None]
     settings = list(dict.fromkeys(frame[x]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 2.2, 3.6), squeeze=False)
@@ -95,14 +99,24 @@ def throughput_by_policy(frame: pd.DataFrame, *, x: str, title: str, caption: st
             error = None
             if ranged:
                 error = [(rows[y] - rows[f"{y}_low"]).clip(lower=0), (rows[f"{y}_high"] - rows[y]).clip(lower=0)]
-            axis.bar(positions, rows[y], width=width, color=colors[policy], label=policy, yerr=error,
-                     capsize=2 if ranged else 0, error_kw={"linewidth": 0.8})
+            style = ({"facecolor": "white", "edgecolor": "black", "hatch": "///", "linewidth": 0.6}
+                     if policy == bound_label else {"color": colors[policy]})
+            axis.bar(positions, rows[y], width=width, label=policy, yerr=error, capsize=2 if ranged else 0,
+                     error_kw={"linewidth": 0.8}, **style)
+            if bound_label in order and policy != bound_label:
+                bound = part[part["policy"] == bound_label].set_index(x).reindex(settings)[y]
+                for position, value, ceiling in zip(positions, rows[y], bound, strict=True):
+                    if pd.notna(value) and pd.notna(ceiling) and ceiling > 0:
+                        axis.text(position, value, f"{value / ceiling:.2f}", rotation=90, ha="center",
+                                  va="bottom", fontsize=5)
         axis.set_xticks(range(len(settings)), settings, rotation=30, ha="right", fontsize=8)
         axis.set_xlabel(x.replace("_", " "))
         axis.set_ylabel(ylabel)
         if panel is not None:
             axis.set_title(str(panel), fontsize=9)
     note = " (error bars: results over the assumptions' low..high range)" if ranged else ""
+    if bound_label in order:
+        note += "; numbers: fraction of the bound"
     axes[0][-1].legend(title=f"policy{note}", fontsize=7, title_fontsize=7, loc="upper left",
                        bbox_to_anchor=(1.02, 1.0))
     return _finish(fig, title, caption)
@@ -136,6 +150,15 @@ def gain_over_baseline(frame: pd.DataFrame, *, x: str, baseline: str = "gpu_only
     return joined
 
 
+def fraction_of_bound(frame: pd.DataFrame, *, keys: Sequence[str], y: str = "output_throughput") -> pd.DataFrame:
+    """``frame`` with ``bound`` (the ``y`` of the row with ``policy`` = ``bound`` at the same ``keys``) and
+    ``fraction_of_bound`` = ``y`` / ``bound`` on every row."""
+    bound = frame[frame["policy"] == "bound"].set_index(list(keys))[y].rename("bound")
+    joined = frame.drop(columns=[c for c in ("bound", "fraction_of_bound") if c in frame]).join(bound, on=list(keys))
+    joined["fraction_of_bound"] = joined[y] / joined["bound"]
+    return joined
+
+
 def with_scenario_range(frame: pd.DataFrame, *, keys: Sequence[str], y: str = "output_throughput",
                         scenario: str = "scenario", central: str = "central") -> pd.DataFrame:
     """The ``central`` scenario's rows, with ``<y>_low`` / ``<y>_high``: the min / max of ``y`` over every
@@ -146,10 +169,11 @@ def with_scenario_range(frame: pd.DataFrame, *, keys: Sequence[str], y: str = "o
 
 def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, panel: str,
                           latencies: Sequence[str] = ("tpot_p90_s", "ttft_p90_s"),
-                          slo: Mapping[str, float] | None = None, throughput: str = "output_throughput") -> plt.Figure:
+                          slo: Mapping[str, float] | None = None, throughput: str = "output_throughput",
+                          ceilings: Mapping[str, float] | None = None) -> plt.Figure:
     """Output throughput against each latency percentile (one point per request rate, one line per
     policy), one row of panels per ``panel`` value; ``slo`` maps a panel value to its TPOT SLO (a
-    vertical line on the TPOT panels)."""
+    vertical line on the TPOT panels), ``ceilings`` to a throughput bound (a horizontal line)."""
     frame, order = _labelled(frame)
     panels = list(dict.fromkeys(frame[panel]))
     fig, axes = plt.subplots(len(panels), len(latencies), figsize=(4.2 * len(latencies) + 2.0, 2.9 * len(panels)),
@@ -169,6 +193,9 @@ def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, pane
                               markersize=3, color=colors[policy], alpha=1.0 if central else 0.3,
                               linestyle="-" if central else "--", linewidth=1.2 if central else 0.8,
                               label=policy if central and row == 0 and column == len(latencies) - 1 else None)
+            if ceilings is not None and value in ceilings:
+                axis.axhline(ceilings[value], color="black", linestyle=":", linewidth=0.8)
+                axis.text(axis.get_xlim()[0], ceilings[value], " offline bound", fontsize=6, va="bottom")
             if slo is not None and metric.startswith("tpot") and value in slo:
                 axis.axvline(slo[value], color="grey", linestyle="--", linewidth=0.8)
                 axis.text(slo[value], axis.get_ylim()[1], " SLO", fontsize=7, va="top", color="grey")
@@ -180,6 +207,34 @@ def throughput_vs_latency(frame: pd.DataFrame, *, title: str, caption: str, pane
             axis.set_title(str(value), fontsize=8)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy",
                        title_fontsize=7)
+    return _finish(fig, title, caption)
+
+
+def goodput_vs_rate(frame: pd.DataFrame, *, title: str, caption: str, panel: str, x: str = "rate",
+                    y: str = "request_goodput", slo_text: Mapping[str, str] | None = None) -> plt.Figure:
+    """Goodput (good requests/s) against the request rate, one line per policy, one panel per ``panel``
+    value; the central scenario solid, the assumptions' corners faint; ``slo_text`` names each panel's SLOs."""
+    frame, order = _labelled(frame)
+    panels = list(dict.fromkeys(frame[panel]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 2.0, 3.4), squeeze=False)
+    colors = dict(zip(order, sns.color_palette(n_colors=len(order)), strict=True))
+    scenarios = list(dict.fromkeys(frame["scenario"])) if "scenario" in frame else [None]
+    for axis, value in zip(axes[0], panels, strict=True):
+        part = frame[frame[panel] == value].sort_values(x)
+        for scenario in scenarios:
+            central = scenario in (None, "central")
+            lines = part if scenario is None else part[part["scenario"] == scenario]
+            for policy in order:
+                line = lines[lines["policy"] == policy]
+                axis.plot(line[x], line[y], marker="o" if central else None, markersize=3, color=colors[policy],
+                          alpha=1.0 if central else 0.3, linestyle="-" if central else "--",
+                          label=policy if central and axis is axes[0][-1] else None)
+        axis.plot(part[x].drop_duplicates(), part[x].drop_duplicates(), color="grey", linewidth=0.6,
+                  linestyle=":", label="offered load" if axis is axes[0][-1] else None)
+        axis.set_xlabel("request rate (req/s)")
+        axis.set_ylabel("goodput (good requests / s)")
+        axis.set_title(f"{value}\n{slo_text[value]}" if slo_text and value in slo_text else str(value), fontsize=8)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, title="policy", title_fontsize=7)
     return _finish(fig, title, caption)
 
 

@@ -17,6 +17,11 @@
 # # 03 · Offline throughput: APEX vs NEO vs GPU-only (vLLM-like)
 #
 # The paper's main comparison over its workload grid (decode-heavy: short prompts, long outputs).
+# Two vLLM baselines: **GPU-only** (vLLM's default: a preempted request is recomputed) and **vLLM + CPU
+# KV offload** (`--kv-offloading-backend native`: a preempted request's KV waits in host memory and comes
+# back over PCIe; no CPU attention). Beside every bar: the **bound**, the best throughput any schedule
+# can reach on the same cost model (`apexlib.sim.bound`, a linear program), and each policy's fraction
+# of it.
 #
 # * **Simulated** (this machine has no T4/A10): the engine's own scheduler and policies on a virtual
 #   clock, timed by a roofline cost model of each GPU + host (datasheet bandwidths; efficiency factors
@@ -32,7 +37,7 @@ quick = False            # a small grid (the CI smoke test); writes under build/
 run_experiments = True   # False: rebuild the figures from data/results alone
 model = "smollm2"        # measured runs: a named checkpoint (smollm2), a tiny preset (demo) or a directory
 hardware_models = [("t4", "llama-2-7b"), ("a10g-16vcpu", "llama-2-7b"), ("a10g-16vcpu", "llama-3.1-8b")]
-policies = ["gpu_only", "neo_published", "neo", "apex"]
+policies = ["gpu_only", "vllm_offload", "neo_published", "neo", "apex"]
 cpu_kv_gib = 20.0
 prompt_centers = [128, 512]
 output_centers = [256, 1024]
@@ -67,6 +72,7 @@ measured_model = plots.notebook_model(model)  # the measured part's model (`mode
 # %%
 from apexlib.costs.assumptions import SCENARIOS, assumptions_table, scenario_cost_model
 from apexlib.sim.batch import SimulationJob, simulate_rows
+from apexlib.sim.bound import simulated_bound
 from apexlib.workloads import get_preset, input_output_grid
 
 display(pd.DataFrame(assumptions_table())[["name", "low", "central", "high", "unit", "source"]])
@@ -88,12 +94,23 @@ if run_experiments:
                              max_model_len=workload.max_total_len),
                         dict(hardware=hardware, model=model, policy=policy, scenario=scenario,
                              setting=workload.name.removeprefix("grid-"))))
-    pd.DataFrame(simulate_rows(jobs, description="03 grid")).to_csv(simulated_path, index=False)
+    rows = simulate_rows(jobs, description="03 grid")
+    # the bound of every grid point and scenario, with the KV tiers a hybrid policy gets
+    for job in jobs:
+        if job.labels["policy"] == "apex":
+            bound = simulated_bound(job.workload, cost_model=job.cost_model, **job.options)
+            rows.append(bound.summary_row(**{**job.labels, "policy": "bound"}))
+    pd.DataFrame(rows).to_csv(simulated_path, index=False)
 simulated = pd.read_csv(simulated_path)
 keys = ["hardware", "model", "setting", "policy"]
 central = plots.with_scenario_range(simulated, keys=keys)
-gains = plots.gain_over_baseline(simulated, x="setting", by=("hardware", "model", "scenario"))
-best_other = (simulated[simulated["policy"] != "apex"].groupby(["hardware", "model", "setting", "scenario"])
+point = ["hardware", "model", "setting", "scenario"]
+fractions = plots.fraction_of_bound(simulated, keys=point)
+display(fractions[fractions["policy"] != "bound"].pivot_table(
+    index=["hardware", "model", "setting"], columns=["policy", "scenario"], values="fraction_of_bound").round(3))
+gains = plots.gain_over_baseline(simulated[simulated["policy"] != "bound"], x="setting",
+                                 by=("hardware", "model", "scenario"))
+best_other = (simulated[~simulated["policy"].isin(["apex", "bound"])].groupby(point)
               ["output_throughput"].max().rename("best_baseline"))
 apex_ratio = simulated[simulated["policy"] == "apex"].join(best_other,
                                                            on=["hardware", "model", "setting", "scenario"])
@@ -108,12 +125,55 @@ central["gpu / model"] = central["hardware"] + " · " + central["model"]
 caption = plots.provenance_caption(
     executor="simulator",
     source="roofline cost models of " + ", ".join(sorted(set(central["hardware"])))
-    + f" (+{cpu_kv_gib:g} GiB CPU KV); bars: central assumptions, error bars: their low..high corners",
+    + f" (+{cpu_kv_gib:g} GiB CPU KV); bars: central assumptions, error bars: their low..high corners; "
+    "hatched: the bound (apexlib.sim.bound), numbers: fraction of it",
     model="Llama-2-7B / Llama-3.1-8B fp16 shapes",
     workload=f"grid of prompt x output centers +-10%, {num_requests} requests, offline")
 fig = plots.throughput_by_policy(central, x="setting", col="gpu / model",
                                  title="Offline output throughput (simulated)", caption=caption)
 plots.save_figure(fig, "03-offline-throughput-simulated", figures_dir)
+
+# %% [markdown]
+# ## Where APEX's distance to the bound goes
+#
+# The bound's best schedule (below: the one without recompute, per iteration) runs the same iteration for
+# the whole run. A run cannot: it starts with every prompt to prefill, and it ends in a **drain**, where
+# the waiting queue is empty and fewer requests are left than the bound's iteration advances; no schedule
+# can run the bound's iteration there. APEX's run (central assumptions, its iteration trace) is split into
+# prefill iterations, drain iterations and the rest ("steady"); `steady / bound` compares its steady rate
+# with the bound.
+
+# %%
+gap_path = results_dir / "bound_gap.csv"
+if run_experiments:
+    from apexlib.sim.simulator import simulate
+
+    gap_rows = []
+    for job in jobs:
+        if job.labels["policy"] != "apex" or job.labels["scenario"] != "central":
+            continue
+        bound = simulated_bound(job.workload, cost_model=job.cost_model, **job.options).without_recompute
+        kinds = bound.schedule.values()
+        per_iteration = (sum(k["iterations"] * (k["gpu_decodes"] + k["cpu_decodes"]) for k in kinds)
+                         / sum(k["iterations"] for k in kinds))
+        trace = simulate(job.workload, cost_model=job.cost_model, **job.options).iterations.to_dataframe()
+        tokens = trace["num_gpu_decodes"] + trace["num_cpu_decodes"]
+        drain = (trace["num_waiting"] == 0) & (trace["num_running"] < per_iteration)
+        prefill = trace["num_prefill_tokens"] > 0
+        steady = ~drain & ~prefill
+        total = trace["duration"].sum()
+        gap_rows.append({**job.labels, "bound_without_recompute": bound.output_throughput,
+                         "bound_decodes_per_iteration": per_iteration,
+                         "bound_modes": "+".join(bound.schedule),
+                         "prefill_time_share": trace.loc[prefill, "duration"].sum() / total,
+                         "drain_time_share": trace.loc[drain & ~prefill, "duration"].sum() / total,
+                         "steady_rate": tokens[steady].sum() / trace.loc[steady, "duration"].sum()
+                         if steady.any() else float("nan")})
+    pd.DataFrame(gap_rows).to_csv(gap_path, index=False)
+gap = pd.read_csv(gap_path)
+gap["steady_over_bound"] = gap["steady_rate"] / gap["bound_without_recompute"]
+display(gap[["hardware", "model", "setting", "bound_modes", "bound_decodes_per_iteration", "prefill_time_share",
+             "drain_time_share", "steady_over_bound"]].round(3))
 
 # %% [markdown]
 # ## Measured on this machine (device=cpu, `model`: SmolLM2-135M-Instruct by default)

@@ -18,7 +18,10 @@
 #
 # The same decode-heavy workload under fixed execution modes (the `hybrid` policy forces one mode
 # whenever CPU-resident requests exist) and under the profiling-informed policies, plus how often each
-# policy picked each mode.
+# policy picked each mode. Beside them: **vLLM + CPU KV offload** (preempted requests' KV kept in host
+# memory, no CPU attention) and the **bound**, the best any schedule can do on the same cost model
+# (`apexlib.sim.bound`), with its error bar over the assumptions' low and high corners; every bar is
+# labelled with its fraction of the bound.
 
 # %% tags=["parameters"]
 # Parameters (papermill overrides these)
@@ -46,12 +49,15 @@ results_dir, figures_dir = plots.notebook_setup(EXPERIMENT, quick)
 
 # %%
 from apexlib.costs import datasheet_roofline
+from apexlib.costs.assumptions import SCENARIOS, scenario_cost_model
+from apexlib.sim.bound import simulated_bound
 from apexlib.sim.simulator import simulate
 from apexlib.workloads import get_preset
 
 # %%
 variants = {
     "gpu_only": dict(policy="gpu_only"),
+    "vllm_offload": dict(policy="vllm_offload"),
     "fixed async overlap": dict(policy="hybrid", policy_options={"hybrid_mode": "async_overlap"}),
     "fixed pipeline": dict(policy="hybrid", policy_options={"hybrid_mode": "asymmetric_pipeline"}),
     "NEO (published runtime)": dict(policy="neo_published"),
@@ -71,11 +77,27 @@ if run_experiments:
         rows.append(result.labelled_summary(variant=label, policy=label))
         trace = result.iterations.to_dataframe()
         modes.append(trace.groupby("mode").size().rename("iterations").reset_index().assign(policy=label))
+    # the bound of the same workload, at the central assumptions and at the two corners (its error bar)
+    corners = {scenario: simulated_bound(workload, model=simulated_model, cpu_kv_gib=cpu_kv_gib, dtype="float16",
+                                         max_model_len=workload.max_total_len, policy="apex",
+                                         cost_model=scenario_cost_model(datasheet_roofline(hardware, simulated_model),
+                                                                        scenario))
+               for scenario in SCENARIOS}
+    values = [bound.output_throughput for bound in corners.values()]
+    rows.append(corners["central"].summary_row(variant="bound", output_throughput_low=min(values),
+                                               output_throughput_high=max(values)))
     pd.DataFrame(rows).to_csv(path, index=False)
     pd.concat(modes).to_csv(iterations_path, index=False)
 frame, modes = pd.read_csv(path), pd.read_csv(iterations_path)
-display(frame[["variant", "output_throughput", "tpot_mean_s", "engine_iterations", "engine_preemptions"]])
-caption = plots.provenance_caption(executor="simulator", source=f"roofline cost model of {hardware}",
+for side in ("low", "high"):  # only the bound has a range here
+    frame[f"output_throughput_{side}"] = frame[f"output_throughput_{side}"].fillna(frame["output_throughput"])
+frame["fraction_of_bound"] = frame["output_throughput"] / float(
+    frame.loc[frame["variant"] == "bound", "output_throughput"].iloc[0])
+display(frame[["variant", "output_throughput", "fraction_of_bound", "tpot_mean_s", "engine_iterations",
+               "engine_preemptions"]].round(3))
+caption = plots.provenance_caption(executor="simulator",
+                                   source=f"roofline cost model of {hardware} (central assumptions; the "
+                                          "bound's error bar: its value at the assumptions' low..high corners)",
                                    model=f"{simulated_model} fp16",
                                    workload=f"{workload_name}, {num_requests} requests, offline")
 fig = plots.throughput_by_policy(frame.assign(setting=workload_name, policy=frame["variant"]), x="setting",
@@ -101,7 +123,7 @@ import dataclasses
 import logging
 
 host_gbps = [10.0, 20.0, 30.0, 45.0, 60.0, 90.0] if not quick else [10.0, 60.0]
-sweep_policies = ["gpu_only", "neo", "apex"]
+sweep_policies = ["gpu_only", "vllm_offload", "neo", "apex"]
 sweep_path = results_dir / "cpu_bandwidth_sweep.csv"
 if run_experiments:
     rows = []
@@ -116,11 +138,16 @@ if run_experiments:
             result = simulate(workload, model=simulated_model, policy=policy, cost_model=cost, cpu_kv_gib=cpu_kv_gib,
                               dtype="float16", max_model_len=workload.max_total_len)
             rows.append(result.labelled_summary(policy=policy, host_dram_gbps=gbps, cpu_share_percent=share))
+        bound = simulated_bound(workload, model=simulated_model, cost_model=cost, cpu_kv_gib=cpu_kv_gib, dtype="float16",
+                                max_model_len=workload.max_total_len, policy="apex")
+        rows.append(bound.summary_row(host_dram_gbps=gbps, cpu_share_percent=share))
         logging.getLogger("notebook").warning("host DRAM %.0f GB/s simulated", gbps)
     pd.DataFrame(rows).to_csv(sweep_path, index=False)
 sweep = pd.read_csv(sweep_path)
-display(sweep.pivot_table(index=["host_dram_gbps", "cpu_share_percent"], columns="policy",
-                          values="output_throughput").round(1))
+sweep_table = sweep.pivot_table(index=["host_dram_gbps", "cpu_share_percent"], columns="policy",
+                                values="output_throughput")
+display(sweep_table.round(1))
+display(sweep_table.div(sweep_table["bound"], axis=0).round(3))  # each policy's fraction of the bound
 default = sweep.loc[sweep["host_dram_gbps"] == datasheet_roofline(hardware, simulated_model).spec.dram_gbps, "cpu_share_percent"]
 marks = [(10.0, "paper: CPU < 10%")]
 if len(default):

@@ -149,18 +149,57 @@ def test_apex_is_not_beaten_by_its_baselines_on_a_small_t4_point(t4_llama2):
     assert rates["apex"] >= 0.98 * max(rate for policy, rate in rates.items() if policy != "apex"), rates
 
 
-@pytest.mark.parametrize("context, mode", [(1000, OverlapMode.ASYNC_OVERLAP), (2000, OverlapMode.ASYMMETRIC_PIPELINE)])
-def test_apex_mode_flips_where_the_composition_says(context, mode):
+@pytest.mark.parametrize("context, mode, hidden", [(1000, OverlapMode.ASYNC_OVERLAP, 4),
+                                                   (2000, OverlapMode.ASYMMETRIC_PIPELINE, 2)])
+def test_apex_mode_flips_where_the_composition_says(context, mode, hidden):
     """Bandwidth-bound GPU: Lin = 10 ms per weight pass, 8 GPU decodes of 1000 tokens (G = 8 ms), 6 CPU
     decodes. NEO pipelines all 6 in both cases (14 tokens / ~28 ms beats GPU-only's 8 / 18 ms). With the
     same set, overlap costs Lin + max(G, C) and the pipeline about Lin(A) + G + Lin(B) = 28 ms, so overlap
     wins while C < G + Lin(B) = 18 ms: at 1000 tokens C = 12 ms (overlap: 22.1 ms), at 2000 tokens
-    C = 24 ms (overlap: 34.1 ms, the pipeline wins)."""
+    C = 24 ms (overlap: 34.1 ms, the pipeline wins). Neither runs: the hidden overlap (the CPU decodes
+    whose job hides under G = 8 ms: 4 of 2 ms, or 2 of 4 ms) beats both, 12 / 18.12 ms = 662/s against
+    14 / 22.1 ms = 633/s, and 10 / 18.1 ms = 552/s against 14 / ~28 ms = 500/s."""
     bandwidth_bound = LinearCosts(fixed=10 * MS, per_token=0.01 * MS, gpu_per_kv=1e-6, cpu_per_kv=2e-6)
     state = candidate([1000] * 8, [context] * 6)
-    neo = NeoPolicy(bandwidth_bound).decide(state)
+    neo_rate, neo = NeoPolicy(bandwidth_bound)._neo_plan(state)
     assert neo.mode is OverlapMode.ASYMMETRIC_PIPELINE and len(neo.cpu_decodes) == 6
-    apex = ApexPolicy(bandwidth_bound).decide(state)
-    assert apex.mode is mode and len(apex.cpu_decodes) == 6
+    policy = ApexPolicy(bandwidth_bound)
+    same_set_rate, same_set = policy._async_overlap(state, list(neo.cpu_decodes))
+    assert (same_set_rate > neo_rate) is (mode is OverlapMode.ASYNC_OVERLAP)
     if mode is OverlapMode.ASYNC_OVERLAP:
-        assert apex.predicted.total == pytest.approx((10.14 + 12) * MS, rel=1e-6)
+        assert same_set.predicted.total == pytest.approx((10.14 + 12) * MS, rel=1e-6)
+    apex = policy.decide(state)
+    assert apex.mode is OverlapMode.ASYNC_OVERLAP and len(apex.cpu_decodes) == hidden
+    assert (8 + hidden) / apex.predicted.total > max(neo_rate, same_set_rate)
+
+
+# A device whose decode attention is long beside its weight pass and a host 5x slower per KV token:
+# a 10 ms weight pass (+0.01 ms per token), GPU attention 1 us and CPU attention 5 us per KV token.
+SLOW_HOST = LinearCosts(fixed=10 * MS, per_token=0.01 * MS, gpu_per_kv=1e-6, cpu_per_kv=5e-6)
+
+
+def test_apex_runs_the_hidden_overlap_when_it_beats_neos_pipeline():
+    """8 GPU decodes of 1000 tokens (G = 8 ms), 6 CPU decodes of 1000 tokens (5 ms each). GPU-only:
+    8 / 18.08 ms = 442/s. NEO's slack rule puts 3 in sub-batch B (15 ms under A's 18.08 ms of device work)
+    and 2 in A (10 ms under B's 10.03 ms linear): 13 tokens in about 28 ms (two weight passes), ~460/s,
+    so NEO pipelines, and the old rule, which required NEO's 5 CPU decodes, followed it (overlap with 5:
+    13 / 35.1 ms). The hidden overlap runs the one CPU decode whose 5 ms hide under G: 9 / 18.09 ms =
+    497/s, the highest rate; the other 5 wait."""
+    state = candidate([1000] * 8, [1000] * 6)
+    neo = NeoPolicy(SLOW_HOST).decide(state)
+    assert neo.mode is OverlapMode.ASYMMETRIC_PIPELINE and len(neo.cpu_decodes) == 5
+    apex = ApexPolicy(SLOW_HOST).decide(state)
+    assert apex.mode is OverlapMode.ASYNC_OVERLAP and len(apex.cpu_decodes) == 1
+    assert apex.predicted.total == pytest.approx(18.09 * MS, rel=1e-6)
+    assert 9 / apex.predicted.total > 13 / neo.predicted.total
+
+
+def test_the_hidden_overlap_still_serves_the_overdue_request():
+    """Same state with the 1000-token CPU decode c5 overdue: the hidden overlap must carry it (it is the
+    one forced in), so whatever runs advances c5."""
+    base = candidate([1000] * 8, [1000] * 6)
+    stalls = (0, 0, 0, 0, 0, 40)
+    state = IterationCandidate(prefills=(), gpu_decodes=base.gpu_decodes, cpu_decodes=base.cpu_decodes,
+                               cpu_stalls=stalls)
+    decision = ApexPolicy(SLOW_HOST, max_stall_iterations=32).decide(state)
+    assert "c5" in {s.request_id for s in decision.cpu_decodes}

@@ -144,6 +144,20 @@ def test_cli_bench_runs_and_writes_rows(tmp_path, capsys):
     assert len(frame) == 5 and frame["model_path"].str.contains("demo").all()
 
 
+def test_cli_bench_goodput_is_vllms_good_requests_per_second(tmp_path, capsys):
+    # A TTFT bound no request can miss and a TPOT bound none can meet: every request good, then none.
+    for items, good in ((["ttft:1000000"], 4), (["ttft:1000000", "tpot:0.000001"], 0)):
+        assert main(["bench", "--workload", "tiny-smoke", "--num-requests", "4", "--out", str(tmp_path),
+                     "--experiment", f"g{good}", "--no-progress", "--goodput", *items]) == 0
+        assert "request goodput (req/s)" in capsys.readouterr().out
+        rows = pd.read_csv(tmp_path / f"g{good}" / "rows.csv")
+        summary = rows[rows["row_type"] == "summary"].iloc[0]
+        assert summary["good_completed"] == good and summary["slo_ttft_s"] == 1000.0
+        assert summary["request_goodput"] == pytest.approx(good / summary["duration_s"])
+    assert main(["bench", "--workload", "tiny-smoke", "--goodput", "ttfb:5"]) == 2  # before anything runs
+    assert "KEY one of" in capsys.readouterr().err
+
+
 def test_cli_bench_cpu_attention_still_dispatches(monkeypatch):
     seen = {}
     fake = types.ModuleType("apexlib.bench.cpu_attention")

@@ -64,3 +64,19 @@ def test_a_bad_policy_option_is_one_line_naming_it(capsys):
     assert main(["simulate", "--cost-model", "zero", "--policy", "neo", "--policy-option", "mode=fast",
                  "--num-requests", "2"]) == 2
     assert "policy 'neo' has no option(s) ['mode']" in capsys.readouterr().err
+
+
+def test_simulate_bound_adds_a_bound_row_above_every_policy(tmp_path, capsys):
+    import pandas as pd
+
+    from apexlib.cli import main
+
+    assert main(["simulate", "--cost-model", "roofline:t4", "--model", "llama-2-7b", "--dtype", "float16",
+                 "--policy", "gpu_only", "apex", "--workload", "t4-decode-heavy", "--num-requests", "8",
+                 "--rate", "0", "--gpu-kv-gib", "0.5", "--cpu-kv-gib", "2", "--out", str(tmp_path),
+                 "--experiment", "b", "--no-iterations", "--bound"]) == 0
+    assert "fraction of bound" in capsys.readouterr().out
+    rows = pd.read_csv(tmp_path / "b" / "rows.csv")
+    summary = rows[rows["row_type"] == "summary"].set_index("policy")["output_throughput"]
+    assert set(summary.index) == {"gpu_only", "apex", "bound"}
+    assert summary["bound"] >= summary[["gpu_only", "apex"]].max()

@@ -84,7 +84,7 @@ def test_summary_hand_computed():
     assert e2e.p90 == pytest.approx(3.7)
     assert e2e.p99 == pytest.approx(3.97)
 
-    assert summary.slo is None and summary.goodput is None and summary.good_completed is None
+    assert summary.slo is None and summary.request_goodput is None and summary.good_completed is None
 
 
 def test_summary_explicit_duration():
@@ -109,7 +109,7 @@ def test_summary_explicit_duration():
 def test_goodput(slo, good):
     summary = summarize(_three_requests(), slo=slo)
     assert summary.good_completed == good
-    assert summary.goodput == pytest.approx(good / 6.0)
+    assert summary.request_goodput == pytest.approx(good / 6.0)
     assert summary.slo == slo
 
 
@@ -120,11 +120,11 @@ def test_to_dict_is_flat_and_complete():
     assert row["tpot_count"] == 2 and row["itl_count"] == 6
     assert row["e2e_latency_median_s"] == pytest.approx(2.5)
     assert row["slo_ttft_s"] == 1.0 and row["slo_tpot_s"] is None
-    assert row["goodput"] == pytest.approx(2 / 6)
+    assert row["request_goodput"] == pytest.approx(2 / 6)
     assert all(not isinstance(value, (dict, list, tuple)) for value in row.values())
     plain = summarize(_three_requests()).to_dict()
     assert set(plain) == set(row)
-    assert plain["goodput"] is None
+    assert plain["request_goodput"] is None
 
 
 def test_request_rows():
@@ -243,3 +243,14 @@ def test_sliced_throughput_errors():
         sliced_throughput(_finishing_at([1.0] * 10))
     with pytest.raises(ValueError, match="at least one"):
         sliced_throughput([])
+
+
+def test_parse_goodput_reads_vllms_form_in_milliseconds():
+    from apexlib.core.metrics import parse_goodput
+
+    assert parse_goodput(["ttft:500", "tpot:50", "e2el:20000"]) == SLO(ttft=0.5, tpot=0.05, e2e=20.0)
+    assert parse_goodput(["tpot:150"]) == SLO(tpot=0.15)
+    for bad, needle in ((["ttfb:5"], "KEY one of"), (["tpot"], "KEY one of"), (["tpot:fast"], "not a number"),
+                        (["tpot:0"], "> 0"), (["tpot:1", "tpot:2"], "twice"), ([], "at least one")):
+        with pytest.raises(ValueError, match=needle):
+            parse_goodput(bad)

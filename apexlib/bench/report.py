@@ -57,6 +57,11 @@ def summary_table(results: Sequence[BenchmarkResult], title: str | None = None) 
     add("requests/s", [_number(s["request_throughput"], digits=2) for s in summaries])
     add("output tok/s", [_number(s["output_throughput"]) for s in summaries], style="green")
     add("total tok/s", [_number(s["total_token_throughput"]) for s in summaries])
+    if any(s.get("request_goodput") is not None for s in summaries):
+        add("SLO ttft / tpot / e2el (ms)", [" / ".join(_number(s[f"slo_{k}_s"], 1e3, 0) for k in ("ttft", "tpot", "e2e"))
+                                            for s in summaries], style="dim")
+        add("good requests", [str(s["good_completed"]) if s["good_completed"] is not None else "-" for s in summaries])
+        add("request goodput (req/s)", [_number(s["request_goodput"], digits=3) for s in summaries], style="green")
     for label, key in _LATENCIES:
         for statistic in ("mean", "median", "p99"):
             add(f"{label} {statistic} (ms)", [_number(s[f"{key}_{statistic}_s"], 1e3, 2) for s in summaries],

@@ -19,9 +19,10 @@ Definitions follow vLLM's serving benchmark (``benchmarks/benchmark_serving.py``
   duration. vLLM takes the duration as wall time from just before the first request is sent to the
   return of the last one; the default here is the same span read from the timings: last finish time -
   first arrival time. Pass ``duration`` to use another span.
-* Goodput: completed requests that meet every given SLO bound (``metric <= bound``, vLLM's
-  ``s >= r``), divided by the same duration, in requests/s. SLO bounds are in seconds here (vLLM's
-  command line takes milliseconds).
+* Goodput (``request_goodput``, vLLM's name): completed requests that meet every given SLO bound
+  (``metric <= bound``, vLLM's ``s >= r``), divided by the same duration, in requests/s. SLO bounds are
+  in seconds here; ``parse_goodput`` reads vLLM's command-line form (``ttft:<ms> tpot:<ms> e2el:<ms>``,
+  ``vllm bench serve --goodput``).
 
 All times are in seconds and must come from the same clock (absolute or relative, it does not matter).
 """
@@ -38,6 +39,7 @@ import numpy as np
 
 __all__ = [
     "SLO",
+    "parse_goodput",
     "BenchmarkSummary",
     "LatencyStats",
     "RequestTiming",
@@ -237,12 +239,40 @@ class SLO:
         return {"slo_ttft_s": self.ttft, "slo_tpot_s": self.tpot, "slo_e2e_s": self.e2e}
 
 
+#: vLLM's ``--goodput`` metric names (``vllm/benchmarks/serve.py``, ``parse_goodput`` / ``check_goodput_args``)
+#: and the ``SLO`` field each sets.
+GOODPUT_METRICS = {"ttft": "ttft", "tpot": "tpot", "e2el": "e2e"}
+
+
+def parse_goodput(items: Sequence[str]) -> SLO:
+    """The SLO of vLLM's ``--goodput`` arguments: ``"KEY:VALUE"`` items, KEY one of ``ttft``, ``tpot``,
+    ``e2el``, VALUE in milliseconds (> 0). Each error names the item and what it must be."""
+    bounds: dict[str, float] = {}
+    for item in items:
+        key, sep, value = str(item).partition(":")
+        if not sep or key not in GOODPUT_METRICS:
+            raise ValueError(f"--goodput item {item!r} must be KEY:MILLISECONDS with KEY one of "
+                             f"{sorted(GOODPUT_METRICS)} (vLLM's names)")
+        try:
+            milliseconds = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput {key}: {value!r} is not a number of milliseconds") from None
+        if not (math.isfinite(milliseconds) and milliseconds > 0):
+            raise ValueError(f"--goodput {key} must be a finite number of milliseconds > 0, got {value!r}")
+        if GOODPUT_METRICS[key] in bounds:
+            raise ValueError(f"--goodput {key} is given twice")
+        bounds[GOODPUT_METRICS[key]] = milliseconds / 1e3
+    if not bounds:
+        raise ValueError("--goodput needs at least one KEY:MILLISECONDS item (ttft, tpot, e2el)")
+    return SLO(**bounds)
+
+
 @dataclass(frozen=True)
 class BenchmarkSummary:
     """Aggregate metrics of one run (see the module docstring for every definition).
 
-    Throughputs are per second of ``duration_s``; latency statistics are in seconds. ``goodput`` and
-    ``good_completed`` are None when no SLO was given.
+    Throughputs are per second of ``duration_s``; latency statistics are in seconds. ``request_goodput``
+    and ``good_completed`` are None when no SLO was given.
     """
 
     completed: int
@@ -258,7 +288,7 @@ class BenchmarkSummary:
     e2e_latency: LatencyStats
     slo: SLO | None = None
     good_completed: int | None = None
-    goodput: float | None = None
+    request_goodput: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A flat dict (one tidy row): ``ttft_mean_s``, ``tpot_p99_s``, ``itl_count``, ..."""
@@ -280,7 +310,7 @@ class BenchmarkSummary:
         else:
             row.update({"slo_ttft_s": None, "slo_tpot_s": None, "slo_e2e_s": None})
         row["good_completed"] = self.good_completed
-        row["goodput"] = self.goodput
+        row["request_goodput"] = self.request_goodput
         return row
 
 
@@ -336,7 +366,7 @@ def summarize(
         e2e_latency=compute_stats([t.e2e_latency for t in timings]),
         slo=slo,
         good_completed=good,
-        goodput=None if good is None else good / duration,
+        request_goodput=None if good is None else good / duration,
     )
 
 

@@ -10,6 +10,7 @@ every row carries the provenance columns (:data:`PROVENANCE_COLUMNS`). ``write_r
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from apexlib.core.config import EngineConfig
-from apexlib.core.metrics import BenchmarkSummary, RequestTiming, summarize
+from apexlib.core.metrics import SLO, BenchmarkSummary, RequestTiming, summarize
 from apexlib.workloads import Workload
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,12 @@ class BenchmarkResult:
             row["output_tokens_sha1"] = _tokens_digest(record.output_token_ids)
             rows.append(row)
         return rows
+
+    def with_slo(self, slo: SLO) -> BenchmarkResult:
+        """This run with its summary recomputed under ``slo`` (an ``SLO``): the same metrics plus
+        ``good_completed`` and ``request_goodput``, vLLM's goodput."""
+        summary = summarize([record.timing() for record in self.records], slo=slo)
+        return dataclasses.replace(self, summary=summary)
 
     def summary_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"row_type": "summary", **self.provenance, "request_id": None}

@@ -17,9 +17,10 @@ from apexlib.policies.registry import (
     policy_options,
     policy_spec,
 )
+from apexlib.policies.vllm_offload import VllmOffloadPolicy
 
 __all__ = [
     "POLICIES", "POLICY_NAMES", "PROFILED_POLICIES", "ApexOptions", "ApexPolicy", "GpuOnlyPolicy", "HybridOptions",
     "HybridPolicy", "NeoPolicy", "NeoPublishedPolicy", "NoOptions", "Policy", "PolicyOptions", "PolicySpec",
-    "build_policy", "option_names", "policy_options", "policy_spec",
+    "VllmOffloadPolicy", "build_policy", "option_names", "policy_options", "policy_spec",
 ]

@@ -21,7 +21,7 @@ OVERLAP_MODES = tuple(mode.value for mode in OverlapMode)
 
 @dataclass(frozen=True)
 class NoOptions:
-    """A policy without options (``gpu_only``, ``neo``, ``neo_published``)."""
+    """A policy without options (``gpu_only``, ``vllm_offload``, ``neo``, ``neo_published``)."""
 
 
 @dataclass(frozen=True)

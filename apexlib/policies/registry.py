@@ -19,6 +19,7 @@ from apexlib.policies.gpu_only import GpuOnlyPolicy
 from apexlib.policies.hybrid import HybridPolicy
 from apexlib.policies.options import ApexOptions, HybridOptions, NoOptions, PolicyOptions
 from apexlib.policies.profiled import ApexPolicy, NeoPolicy, NeoPublishedPolicy
+from apexlib.policies.vllm_offload import VllmOffloadPolicy
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class PolicySpec:
 
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
     PolicySpec("gpu_only", GpuOnlyPolicy, NoOptions, False, "GPU-only (vLLM-like)"),
+    PolicySpec("vllm_offload", VllmOffloadPolicy, NoOptions, False, "vLLM + CPU KV offload"),
     PolicySpec("hybrid", HybridPolicy, HybridOptions, False, "fixed-mode hybrid"),
     PolicySpec("neo", NeoPolicy, NoOptions, True, "NEO policy on apexlib's runtime"),
     PolicySpec("neo_published", NeoPublishedPolicy, NoOptions, True, "NEO (published runtime)"),

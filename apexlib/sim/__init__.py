@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from apexlib.sim.bound import BOUND_POLICY, BoundResult, simulated_bound, throughput_bound
 from apexlib.sim.simulator import IterationTrace, SimulationResult, simulate
 
-__all__ = ["IterationTrace", "SimulationResult", "simulate"]
+__all__ = ["BOUND_POLICY", "BoundResult", "IterationTrace", "SimulationResult", "simulate", "simulated_bound",
+           "throughput_bound"]

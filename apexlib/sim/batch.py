@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from apexlib.core.metrics import SLO
 from apexlib.costs import CostModel
 from apexlib.sim.simulator import simulate
 from apexlib.workloads import Workload
@@ -29,10 +30,13 @@ class SimulationJob:
     cost_model: CostModel
     options: Mapping[str, Any]
     labels: Mapping[str, Any] = field(default_factory=dict)
+    slo: SLO | None = None  # when given, the row also has vLLM's goodput under it (request_goodput)
 
 
 def _summary_row(job: SimulationJob) -> dict[str, Any]:
     result = simulate(job.workload, cost_model=job.cost_model, record_iterations=False, **job.options)
+    if job.slo is not None:
+        result = result.with_slo(job.slo)
     row = next(r for r in result.rows if r["row_type"] == "summary")
     return {**job.labels, **row, **job.labels}  # the labels first, and they win over the row's own columns
 

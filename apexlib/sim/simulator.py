@@ -372,6 +372,33 @@ class VirtualEngine:
         return outputs
 
 
+def simulation_settings(settings: BenchmarkSettings | None, engine_args: dict[str, Any]) -> BenchmarkSettings:
+    """``settings``, or the settings built from ``simulate``'s keyword shortcut (a simulated GPU by default)."""
+    if settings is None:
+        model = engine_args.get("model")
+        if isinstance(model, ModelConfig):
+            engine_args["model"] = model.path
+        engine_args.setdefault("device", "cuda")
+        engine_args.setdefault("dtype", "float16")
+        return BenchmarkSettings.create(warmup_requests=0, **engine_args)
+    if engine_args:
+        raise TypeError(f"simulate takes settings or keywords, not both (got settings and {sorted(engine_args)})")
+    return settings
+
+
+def simulated_engine_config(workload: Workload, settings: BenchmarkSettings, cost_model: CostModel) -> EngineConfig:
+    """The ``EngineConfig`` a simulated run of ``workload`` resolves (KV tiers, limits), as the engine would."""
+    device = "cpu" if settings.engine.device == "cpu" else "cuda"
+    model_config = resolve_model_config(settings.engine.model)
+    limit = resolve_max_model_len(settings.engine, workload, model_config.max_position_embeddings)
+    args = dataclasses.replace(settings.engine, model=model_config.path, device=device, max_model_len=limit)
+    resolved_dtype = args.resolve_dtype(model_config, device)
+    free_bytes = None
+    if device == "cuda" and args.num_gpu_blocks is None and args.gpu_kv_gib is None:
+        free_bytes = _free_device_bytes(cost_model, model_config, resolved_dtype, args.max_num_batched_tokens)
+    return args.create_engine_config(model_config, device, resolved_dtype, free_bytes)
+
+
 def simulate(workload: Workload, settings: BenchmarkSettings | None = None, *, cost_model: CostModel,
              mode: str = "auto", experiment: str | None = None, scheduler_overhead: float | str = 0.0,
              record_iterations: bool = True, **engine_args: Any) -> SimulationResult:
@@ -397,28 +424,14 @@ def simulate(workload: Workload, settings: BenchmarkSettings | None = None, *, c
     ``cost_model*``; ``.iterations``: the per-iteration trace unless ``record_iterations=False``).
     """
     started = time.perf_counter()
-    if settings is None:
-        model = engine_args.get("model")
-        if isinstance(model, ModelConfig):
-            engine_args["model"] = model.path
-        engine_args.setdefault("device", "cuda")
-        engine_args.setdefault("dtype", "float16")
-        settings = BenchmarkSettings.create(warmup_requests=0, **engine_args)
-    elif engine_args:
-        raise TypeError(f"simulate takes settings or keywords, not both (got settings and {sorted(engine_args)})")
+    settings = simulation_settings(settings, engine_args)
     if not (scheduler_overhead == "measured" or (isinstance(scheduler_overhead, (int, float))
                                                  and scheduler_overhead >= 0)):
         raise ValueError(f"scheduler_overhead must be seconds >= 0 or 'measured', got {scheduler_overhead!r}")
     device = "cpu" if settings.engine.device == "cpu" else "cuda"
     model_config = resolve_model_config(settings.engine.model)
     mode = resolve_mode(workload, mode)
-    limit = resolve_max_model_len(settings.engine, workload, model_config.max_position_embeddings)
-    args = dataclasses.replace(settings.engine, model=model_config.path, device=device, max_model_len=limit)
-    resolved_dtype = args.resolve_dtype(model_config, device)
-    free_bytes = None
-    if device == "cuda" and args.num_gpu_blocks is None and args.gpu_kv_gib is None:
-        free_bytes = _free_device_bytes(cost_model, model_config, resolved_dtype, args.max_num_batched_tokens)
-    config = args.create_engine_config(model_config, device, resolved_dtype, free_bytes)
+    config = simulated_engine_config(workload, settings, cost_model)
     control = build_control_plane(config, cost_model)
     transfer = control.transfer
     kv_bytes_per_block = model_config.kv_bytes_per_token(config.cache.kv_dtype) * config.cache.block_size
