@@ -200,7 +200,7 @@ display(measured[["policy", "output_throughput", "tpot_mean_s", "ttft_median_s",
 caption = plots.provenance_caption(
     executor="engine",
     source=f"{measured['cpu_model'].iloc[0]} ({measured['cpu_count'].iloc[0]} CPUs, device=cpu)",
-    model=measured_model.title,
+    model=plots.notebook_model(measured["model_path"].iloc[0]).title,
     workload=f"{measured['workload'].iloc[0]}, GPU tier squeezed to 24 blocks")
 fig = plots.throughput_by_policy(measured, x="setting", title="Offline output throughput (measured)",
                                  caption=caption)

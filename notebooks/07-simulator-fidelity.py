@@ -123,6 +123,7 @@ caption = plots.provenance_caption(
     executor="engine",
     source="this machine (device=cpu) vs the simulator "
     f"with the profile {Path(table['profile'].iloc[0]).name} measured before the runs",
-    model=chosen.title, workload=f"tiny-decode-heavy, {num_requests} requests")
+    model=plots.notebook_model(table["model_path"].iloc[0]).title if "model_path" in table else chosen.title,
+    workload=f"tiny-decode-heavy, {num_requests} requests")
 fig = plots._finish(fig, "Simulator vs real engine", caption)
 plots.save_figure(fig, "07-simulator-fidelity", figures_dir)

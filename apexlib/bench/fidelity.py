@@ -189,7 +189,8 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings,
         simulated = sims[runs[policy][middle][4] if remeasure else 0]
         if results is not None:
             results.extend([measured, simulated])
-        row: dict[str, Any] = {"policy": policy, "workload": workload.name, "num_requests": len(workload),
+        row: dict[str, Any] = {"policy": policy, "model_path": base.engine.model, "workload": workload.name,
+                               "num_requests": len(workload),
                                "num_gpu_blocks": config.cache.num_gpu_blocks, "cost_model": profiles[0].source,
                                "engine_runs": len(summaries), "profiles": len(profiles)}
         for key in metrics:

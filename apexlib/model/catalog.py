@@ -381,7 +381,12 @@ def describe_model(model: str | os.PathLike[str]) -> tuple[str, str]:
         return name, NAMED_CHECKPOINTS[name].title
     if Path(name).expanduser().is_dir():
         return model_label(Path(name).expanduser()), model_title(Path(name).expanduser())
-    return f"tiny-{name}", f"tiny-{name} (random weights)"
+    base = Path(name).name  # a path recorded on another machine: read its cache directory's name
+    for checkpoint in NAMED_CHECKPOINTS.values():
+        if any(base.startswith(f"{checkpoint.name}-{dtype}-") for dtype in CHECKPOINT_DTYPES):
+            return checkpoint.name, checkpoint.title
+    label = "tiny-" + base.split("-seed")[0]
+    return label, f"{label} (random weights)"
 
 
 def resolve_checkpoint(model: str | os.PathLike[str]) -> str:
