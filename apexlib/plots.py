@@ -22,14 +22,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from apexlib.policies.registry import POLICIES  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 FIGURES_DIR = Path(__file__).resolve().parents[1] / "figures"
+#: the order of the bars in every figure (baselines first, APEX last among the policies)
 POLICY_ORDER = ("gpu_only", "vllm_offload", "neo_published", "neo", "apex", "hybrid", "vllm", "bound")
-POLICY_LABELS = {"gpu_only": "GPU-only (vLLM-like)", "vllm_offload": "vLLM + CPU KV offload",
-                 "bound": "bound (best schedule on the cost model)", "neo_published": "NEO (published runtime)",
-                 "neo": "NEO policy on apexlib's runtime", "apex": "APEX (async overlap + pipelining)",
-                 "hybrid": "fixed hybrid", "vllm": "vLLM"}
+#: the registry's labels, and the two bars that are not policies of the engine
+POLICY_LABELS = {**{name: spec.label for name, spec in POLICIES.items()}, "vllm": "vLLM",
+                 "bound": "bound (best schedule on the cost model)"}
 
 
 def policy_label(policy: str) -> str:

@@ -180,3 +180,29 @@ def test_build_policy_passes_the_options_and_needs_a_cost_model_where_it_predict
     assert (apex.enable_pipeline, apex.max_stall_iterations, apex.transfer_bytes_per_cpu_token) == (False, 5, 1000)
     with pytest.raises(ValueError, match="policy 'neo' needs a cost model"):
         build_policy("neo")
+
+
+def test_the_registry_owns_whether_a_policy_keeps_kv_on_the_cpu_tier():
+    """The engine's default CPU tier and the configuration's CPU-tier check follow the registry's facts."""
+    from apexlib.core.config import ModelConfig
+    from apexlib.engine.args import EngineArgs
+    from apexlib.plots import policy_label
+    from apexlib.policies.registry import POLICIES
+
+    assert not POLICIES["gpu_only"].uses_cpu_tier
+    assert POLICIES["vllm_offload"].uses_cpu_tier and not POLICIES["vllm_offload"].cpu_attention
+    assert all(POLICIES[name].cpu_attention for name in ("hybrid", "neo", "neo_published", "apex"))
+    config = ModelConfig.from_pretrained(tiny_checkpoint_path())
+    for name, spec in POLICIES.items():
+        engine = EngineArgs(model="demo", policy=name, device="cpu", max_model_len=128,
+                            cost_model="zero" if spec.needs_cost_model else None).create_engine_config(
+            config, "cpu", "float32", None)
+        assert engine.scheduler.uses_cpu_tier == spec.uses_cpu_tier
+        assert (engine.cache.num_cpu_blocks > 0) == spec.uses_cpu_tier, name
+        assert policy_label(name) == spec.label
+
+
+def tiny_checkpoint_path():
+    from apexlib.model.catalog import resolve_checkpoint
+
+    return resolve_checkpoint("demo")

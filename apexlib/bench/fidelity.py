@@ -17,6 +17,7 @@ from apexlib.core.host import load_average_1min
 from apexlib.core.results import BenchmarkResult
 from apexlib.costs import CostModel, TableCostModel
 from apexlib.engine.settings import BenchmarkSettings
+from apexlib.policies.registry import policy_spec
 from apexlib.sim.simulator import SimulationResult, simulate
 from apexlib.workloads import Workload
 
@@ -147,7 +148,7 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings,
         settings = base.replace_engine(policy=policy, cost_model=profile)
         engine_args = settings.engine
         if engine_args.device == "cpu" and not engine_args.num_cpu_blocks and engine_args.cpu_kv_gib is None:
-            settings = settings.replace_engine(num_cpu_blocks=1 if policy == "gpu_only" else None)
+            settings = settings.replace_engine(num_cpu_blocks=None if policy_spec(policy).uses_cpu_tier else 1)
         return settings
 
     def simulated_run(policy: str, profile: CostModel, config: Any) -> SimulationResult:

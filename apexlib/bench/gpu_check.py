@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from apexlib.model.tiny import TinyModelSpec
+from apexlib.policies.registry import policy_spec
 
 logger = logging.getLogger(__name__)
 
@@ -536,7 +537,7 @@ def run_policy(policy: str, device: str, plan: Mapping[str, Any], profile_path: 
     settings = BenchmarkSettings.create(
         model=plan["model_path"], policy=policy, device=device, dtype=plan["dtype"], block_size=plan["block_size"],
         gpu_kv_gib=plan["gpu_kv_gib"], num_gpu_blocks=plan["num_gpu_blocks"],
-        cpu_kv_gib=None if policy == "gpu_only" else plan["cpu_kv_gib"], warmup_requests=2)
+        cpu_kv_gib=plan["cpu_kv_gib"] if policy_spec(policy).uses_cpu_tier else None, warmup_requests=2)
     frame = fidelity(plan_workload(size, num_requests), settings, profile_path, policies=[policy], mode="offline",
                      results=results, scheduler_overhead="measured")
     row = {key: _plain(value) for key, value in frame.iloc[0].to_dict().items()}

@@ -37,6 +37,7 @@ from apexlib.core.models import special_token_ids
 from apexlib.core.results import BenchmarkResult, RequestRecord, build_provenance, finish_result
 from apexlib.engine.settings import BenchmarkSettings, resolve_max_model_len, resolve_mode
 from apexlib.envinfo import provenance_facts
+from apexlib.policies.registry import policy_spec
 from apexlib.workloads import Workload, prepare_workload
 
 logger = logging.getLogger(__name__)
@@ -150,8 +151,8 @@ def run_vllm_benchmark(workload: Workload, settings: BenchmarkSettings | None = 
     temporary folder, removed on success).
     """
     settings = settings or BenchmarkSettings.create()
-    if settings.policy != "gpu_only":
-        raise ValueError(f"vLLM runs GPU-only; policy {settings.policy!r} does not apply to it")
+    if policy_spec(settings.policy).uses_cpu_tier:
+        raise ValueError(f"vLLM runs GPU-only here; policy {settings.policy!r} does not apply to it")
     if settings.engine.num_cpu_blocks or settings.engine.cpu_kv_gib:
         raise ValueError("vLLM has no CPU KV tier to decode from; leave num_cpu_blocks/cpu_kv_gib unset")
     mode = resolve_mode(workload, mode)

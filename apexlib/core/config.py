@@ -180,6 +180,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     policy: str = "gpu_only"
+    #: the policy keeps requests' KV in the CPU tier (its registry entry's ``uses_cpu_tier``)
+    uses_cpu_tier: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_model_len >= 2, f"max_model_len must be >= 2, got {self.max_model_len}")
@@ -220,7 +222,7 @@ class EngineConfig:
         if self.cpu_attention_threads is not None:
             _require(self.cpu_attention_threads >= 1,
                      f"cpu_attention_threads must be >= 1, got {self.cpu_attention_threads}")
-        if self.scheduler.policy != "gpu_only":
+        if self.scheduler.uses_cpu_tier:
             _require(self.cache.num_cpu_blocks * self.cache.block_size >= self.scheduler.max_model_len,
                      f"policy {self.scheduler.policy!r} needs a CPU KV tier that holds one maximum-length request: "
                      f"{self.cache.num_cpu_blocks} blocks x {self.cache.block_size} < max_model_len "

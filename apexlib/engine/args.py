@@ -24,7 +24,7 @@ from apexlib.core.config import (
     blocks_from_gib,
 )
 from apexlib.costs.base import CostModel
-from apexlib.policies.registry import PolicyOptions, policy_options
+from apexlib.policies.registry import POLICIES, PolicyOptions, policy_options, policy_spec
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ ENGINE_ARG_HELP: dict[str, str] = {
     "num_cpu_blocks": "CPU-tier KV blocks (default: 2 GiB worth for vllm_offload and the hybrid policies, 0 for gpu_only)",
     "gpu_kv_gib": "GPU-tier KV budget in GiB (instead of --num-gpu-blocks)",
     "cpu_kv_gib": "CPU-tier KV budget in GiB (instead of --num-cpu-blocks)",
-    "policy": "gpu_only, vllm_offload, hybrid, neo, neo_published or apex",
+    "policy": "; ".join(f"{name}: {spec.help}" for name, spec in POLICIES.items()),
     "max_model_len": "longest prompt + output in tokens (default: the checkpoint's, or the workload's)",
     "max_num_seqs": "requests running at once",
     "max_num_batched_tokens": "token budget of one iteration",
@@ -202,7 +202,7 @@ class EngineArgs:
             num_cpu_blocks = self.num_cpu_blocks
         elif self.cpu_kv_gib is not None:
             num_cpu_blocks = blocks_from_gib(self.cpu_kv_gib, model_config, dtype, self.block_size, "cpu_kv_gib")
-        elif self.policy != "gpu_only":
+        elif policy_spec(self.policy).uses_cpu_tier:
             num_cpu_blocks = min(useful_blocks, blocks_from_gib(DEFAULT_HOST_KV_GIB, model_config, dtype,
                                                                 self.block_size, "default host KV budget"))
         else:
@@ -215,6 +215,7 @@ class EngineArgs:
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=self.enable_chunked_prefill,
             policy=self.policy,
+            uses_cpu_tier=policy_spec(self.policy).uses_cpu_tier,
         )
         return EngineConfig(model=model_config, cache=cache, scheduler=scheduler, dtype=dtype, device=device,
                             seed=self.seed, cpu_attention_threads=self.cpu_attention_threads,

@@ -24,22 +24,36 @@ from apexlib.policies.vllm_offload import VllmOffloadPolicy
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """A policy's name, class, options type, whether it predicts with a cost model, and its figure label."""
+    """Every fact about a policy that code outside ``policies/`` reads: its class and options type,
+    whether it predicts with a cost model, whether it keeps KV in the CPU tier and whether it runs
+    attention there, its figure label and its help line."""
 
     name: str
     policy_class: type[Policy]
     options_class: type
     needs_cost_model: bool
+    #: keeps requests' KV in the CPU tier (the engine sizes one by default)
+    uses_cpu_tier: bool
+    #: decodes CPU-resident requests with CPU attention (a request may then live wholly in the CPU tier);
+    #: without it a request must fit the GPU tier to run
+    cpu_attention: bool
     label: str
+    help: str
 
 
 POLICIES: dict[str, PolicySpec] = {spec.name: spec for spec in (
-    PolicySpec("gpu_only", GpuOnlyPolicy, NoOptions, False, "GPU-only (vLLM-like)"),
-    PolicySpec("vllm_offload", VllmOffloadPolicy, NoOptions, False, "vLLM + CPU KV offload"),
-    PolicySpec("hybrid", HybridPolicy, HybridOptions, False, "fixed-mode hybrid"),
-    PolicySpec("neo", NeoPolicy, NoOptions, True, "NEO policy on apexlib's runtime"),
-    PolicySpec("neo_published", NeoPublishedPolicy, NoOptions, True, "NEO (published runtime)"),
-    PolicySpec("apex", ApexPolicy, ApexOptions, True, "APEX"),
+    PolicySpec("gpu_only", GpuOnlyPolicy, NoOptions, False, False, False, "GPU-only (vLLM-like)",
+               "the vLLM-like baseline: everything on the GPU, preempt and recompute"),
+    PolicySpec("vllm_offload", VllmOffloadPolicy, NoOptions, False, True, False, "vLLM + CPU KV offload",
+               "GPU-only with vLLM's CPU KV offloading: a preempted request's KV waits in the CPU tier"),
+    PolicySpec("hybrid", HybridPolicy, HybridOptions, False, True, True, "fixed hybrid",
+               "a fixed execution mode (hybrid_mode) with overflow or all-CPU placement, no cost model"),
+    PolicySpec("neo", NeoPolicy, NoOptions, True, True, True, "NEO policy on apexlib's runtime",
+               "NEO's scheduler on apexlib's two-thread runtime"),
+    PolicySpec("neo_published", NeoPublishedPolicy, NoOptions, True, True, True, "NEO (published runtime)",
+               "NEO as its public code runs: CPU attention blocks the launching thread"),
+    PolicySpec("apex", ApexPolicy, ApexOptions, True, True, True, "APEX (async overlap + pipelining)",
+               "APEX: asynchronous overlap without splitting the batch, NEO's pipeline where it pays"),
 )}
 POLICY_NAMES = tuple(POLICIES)
 PROFILED_POLICIES = tuple(name for name, spec in POLICIES.items() if spec.needs_cost_model)

@@ -39,6 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from apexlib.core.clock import clock
 from apexlib.core.request import SamplingParams
+from apexlib.policies.registry import policy_spec
 from apexlib.serve.detok import IncrementalDetokenizer, StopStringMatcher
 from apexlib.serve.http_protocol import TIMED_OUT_KEY
 from apexlib.serve.loop import Delta, EngineLoop, RequestStream
@@ -149,9 +150,10 @@ class OpenAIServer:
         self.vocab_size = self.config.model.vocab_size
         cache = self.config.cache
         self.block_size = cache.block_size
-        # A request lives wholly in one tier; gpu_only never uses the CPU tier.
-        self.max_request_blocks = (cache.num_gpu_blocks if self.config.scheduler.policy == "gpu_only"
-                                   else max(cache.num_gpu_blocks, cache.num_cpu_blocks))
+        # A request lives wholly in one tier; without CPU attention it runs only from the GPU tier.
+        self.max_request_blocks = (max(cache.num_gpu_blocks, cache.num_cpu_blocks)
+                                   if policy_spec(self.config.scheduler.policy).cpu_attention
+                                   else cache.num_gpu_blocks)
         self.engine_config = {
             "device": self.config.device, "dtype": self.config.dtype, "block_size": cache.block_size,
             "num_gpu_blocks": cache.num_gpu_blocks, "num_cpu_blocks": cache.num_cpu_blocks,
