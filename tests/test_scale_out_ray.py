@@ -6,6 +6,7 @@ node. Needs the optional Ray (``make test-scale-out``); skipped with the reason 
 
 from __future__ import annotations
 
+import json
 import platform
 
 import pytest
@@ -104,3 +105,36 @@ def test_measured_runs_land_on_their_kind_with_provenance(local_cluster, tmp_pat
     assert "injected permanent fault" in failures["broken"].error
     report = runs.report()
     assert "no node of kind A10G" in report and "broken [T4] failed on" in report
+
+
+def test_a_measured_notebook_runs_on_a_node_of_its_kind(local_cluster, tmp_path):
+    """The rehearsal of ``make reproduce RAY_ADDRESS=...``: a notebook asking for a T4 runs on the fake-T4
+    node in the checkout Ray shipped there; its results come back with the node's provenance, and a kind no
+    node has is reported by name while the rest goes on."""
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("papermill")
+    from apexlib.cluster.notebooks import run_notebooks_on_nodes
+
+    (tmp_path / "notebooks").mkdir()
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("value = 1", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import os, platform, pathlib\n"
+                                  "out = pathlib.Path('../data/results/99-probe'); out.mkdir(parents=True)\n"
+                                  "(out / 'rows.csv').write_text(f'value,host,cwd\\n{value},{platform.node()},'\n"
+                                  "                              f'{os.getcwd()}\\n')")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, tmp_path / "notebooks" / "99-probe.ipynb")
+    nbformat.write(notebook, tmp_path / "notebooks" / "98-elsewhere.ipynb")
+
+    runs = run_notebooks_on_nodes({"99-probe": "T4", "98-elsewhere": "A10G"}, {"value": 7}, tmp_path, num_gpus=0,
+                                  progress=False)
+
+    assert runs.missing_kinds == ["A10G"] and [f.label for f in runs.failures] == ["98-elsewhere"]
+    [row] = runs.rows
+    assert row["task"] == "99-probe" and row["node_kind"] == "T4" and row["node_hostname"] == platform.node()
+    value, host, cwd = (tmp_path / "data/results/99-probe/rows.csv").read_text().splitlines()[1].split(",")
+    assert value == "7" and host == platform.node()
+    assert not cwd.startswith(str(tmp_path))  # it ran in the copy Ray shipped to the node, not in place
+    node = json.loads((tmp_path / "data/results/99-probe/node.json").read_text())
+    assert node["node_kind"] == "T4" and node["node_cpu"] and node["task"] == "99-probe"
+    assert (tmp_path / "build/notebooks/99-probe.ipynb").exists()

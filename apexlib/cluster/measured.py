@@ -48,6 +48,7 @@ class MeasuredTask:
     args: tuple = ()
     num_gpus: float = 1.0
     num_cpus: float = 1.0
+    runtime_env: Mapping[str, Any] | None = None  # Ray's: e.g. the checkout to ship to the node
 
     def __post_init__(self) -> None:
         if not self.kind:
@@ -57,8 +58,9 @@ class MeasuredTask:
 
     def ray_options(self) -> dict[str, Any]:
         resources = {} if self.kind == CPU_KIND else {accelerator_resource(self.kind): ACCELERATOR_SLIVER}
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus if self.kind != CPU_KIND else 0,
-                "resources": resources, "max_retries": 0}  # retries are ours, so that each is reported
+        options = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus if self.kind != CPU_KIND else 0,
+                   "resources": resources, "max_retries": 0}  # retries are ours, so that each is reported
+        return options | ({"runtime_env": dict(self.runtime_env)} if self.runtime_env else {})
 
 
 @dataclass(frozen=True)
