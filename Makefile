@@ -12,7 +12,7 @@ EXECUTED_DIR := build/notebooks
 # a tiny preset (demo) or a local checkpoint directory.
 MODEL ?= smollm2
 
-.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv cluster-venv test-scale-out serve-replicas bench-router FORCE
+.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv cluster-venv test-scale-out serve-replicas bench-router gpu-check-ray FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -72,7 +72,7 @@ export RAY_ADDRESS
 endif
 RAY_NB_PARAMS = -p quick $(if $(filter 1,$(QUICK)),True,False) -p model $(MODEL)
 
-reproduce: model ## run every notebook in order (experiments + figures) -> data/results, figures/, build/notebooks
+reproduce: model $(if $(RAY_ADDRESS),$(CLUSTER_STAMP)) ## run every notebook in order (experiments + figures) -> data/results, figures/, build/notebooks
 	@failed=0; for nb in $(NOTEBOOKS); do name=$$(basename $$nb .ipynb); kind=; \
 	  for run in $(RAY_KINDS); do if [ "$${run%%=*}" = "$$name" ]; then kind=$${run#*=}; fi; done; \
 	  if [ -n "$(RAY_ADDRESS)" ] && [ -n "$$kind" ]; then \
@@ -181,6 +181,13 @@ gpu-check: ## on a CUDA machine: CUDA tests, 7B-shape profile, engine vs simulat
 	if [ "$$choice" = build ]; then $(MAKE) --no-print-directory setup || exit 2; choice=$(PY); fi; \
 	echo "gpu-check: using $$choice"; \
 	PYTHONUNBUFFERED=1 $$choice -m apexlib.cli gpu-check --device cuda $(GPU_CHECK_ARGS)
+
+# The same check on a Ray node of kind RAY_GPU_CHECK_KIND (docs/SCALE-OUT.md); its results come back here.
+RAY_GPU_CHECK_KIND ?= T4
+gpu-check-ray: $(CLUSTER_STAMP) ## with RAY_ADDRESS: make gpu-check on a Ray node of kind RAY_GPU_CHECK_KIND (default T4)
+	@test -n "$(RAY_ADDRESS)" || { echo "gpu-check-ray: give RAY_ADDRESS=HEAD:6379"; exit 2; }
+	$(PY) -m apexlib.cluster.notebooks gpu-check=$(RAY_GPU_CHECK_KIND) --gpu-check-args "$(GPU_CHECK_ARGS)" \
+	  --num-gpus $(RAY_GPUS)
 
 clean: ## remove generated outputs (not the venv)
 	rm -rf figures/*.png figures/*.pdf $(EXECUTED_DIR) build

@@ -138,3 +138,17 @@ def test_a_measured_notebook_runs_on_a_node_of_its_kind(local_cluster, tmp_path)
     node = json.loads((tmp_path / "data/results/99-probe/node.json").read_text())
     assert node["node_kind"] == "T4" and node["node_cpu"] and node["task"] == "99-probe"
     assert (tmp_path / "build/notebooks/99-probe.ipynb").exists()
+
+
+def test_the_gpu_check_runs_on_a_node_of_its_kind(local_cluster, tmp_path):
+    """``make gpu-check-ray``'s path, rehearsed as ``apex gpu-check --device cpu --size tiny`` on the fake T4."""
+    from apexlib.cluster.notebooks import GPU_CHECK, run_notebooks_on_nodes
+
+    out = "data/results/gpu-check/rehearsal"
+    runs = run_notebooks_on_nodes({GPU_CHECK: "T4"}, {"args": ["--device", "cpu", "--size", "tiny", "--skip-tests",
+                                                               "--out", out]}, tmp_path, num_gpus=0, progress=False)
+    assert not runs.failures, runs.report()
+    [row] = runs.rows
+    assert row["node_kind"] == "T4" and row["node_hostname"] == platform.node()
+    assert (tmp_path / out / "comparison.csv").exists() and (tmp_path / out / "steps.json").exists()
+    assert json.loads((tmp_path / out / "node.json").read_text())["task"] == GPU_CHECK

@@ -62,31 +62,46 @@ def execute_notebook(notebook: str, parameters: Mapping[str, Any], checkout: byt
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _execute_in(root: Path, notebook: str, parameters: Mapping[str, Any], kernel: str,
-                started: float) -> list[dict[str, Any]]:
-    source = root / "notebooks" / f"{notebook}.ipynb"
+GPU_CHECK = "gpu-check"  # the run name of `apex gpu-check` (not a notebook): its parameters {"args": [...]}
+
+
+def run_command(root: Path, run: str, parameters: Mapping[str, Any], kernel: str = "python3") -> list[str]:
+    """What runs on the node for ``run``: papermill on ``notebooks/<run>.ipynb``, or ``apex gpu-check``."""
+    if run == GPU_CHECK:
+        args = [str(arg) for arg in parameters.get("args", ())]
+        return [sys.executable, "-m", "apexlib.cli", "gpu-check", *([] if "--device" in args else ["--device", "cuda"]),
+                *args]
+    source = root / "notebooks" / f"{run}.ipynb"
+    if not source.exists():
+        raise FileNotFoundError(f"no notebook {source.name} in notebooks/")
     executed = root / "build" / "notebooks" / source.name
     executed.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "papermill", "--kernel", kernel, "--cwd", "notebooks", "--log-level", "WARNING",
                str(source), str(executed)]
     for name, value in parameters.items():
         command += ["-y", json.dumps({name: value})]
+    return command
+
+
+def _execute_in(root: Path, run: str, parameters: Mapping[str, Any], kernel: str,
+                started: float) -> list[dict[str, Any]]:
+    command = run_command(root, run, parameters, kernel)
     # the kernel imports apexlib from this shipped checkout, not from the node's own install
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}
     completed = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
     if completed.returncode != 0:
-        raise RuntimeError(f"papermill {source.name} exited with {completed.returncode}: "
-                           f"{completed.stderr.strip().splitlines()[-1] if completed.stderr.strip() else ''}")
-    return [{"notebook": notebook, "archive": _tar_outputs(root, started)}]
+        last = (completed.stderr.strip() or completed.stdout.strip()).splitlines()[-1:] or [""]
+        raise RuntimeError(f"{' '.join(command[1:4])} ... ({run}) exited with {completed.returncode}: {last[0]}")
+    return [{"notebook": run, "archive": _tar_outputs(root, started)}]
 
 
 def _results_directory(name: str) -> str | None:
-    """``data/results/<experiment>`` (or its ``build/quick/`` twin) of an archived file, None for others."""
+    """The directory of an archived file under ``data/results/<experiment>/`` (or its ``build/quick/`` twin),
+    where its ``node.json`` goes; None for other files."""
     parts = Path(name).parts
-    for at in range(len(parts) - 2):
-        if parts[at:at + 2] == ("data", "results") and len(parts) > at + 3:
-            return str(Path(*parts[:at + 3]))
-    return None
+    inside = any(parts[at:at + 2] == ("data", "results") and len(parts) > at + 3 for at in range(len(parts)))
+    return str(Path(name).parent) if inside else None
 
 
 def pack_checkout(root: Path) -> bytes:
@@ -131,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m apexlib.cluster.notebooks",
                                      description="run measured notebooks on Ray nodes of their hardware kind")
-    parser.add_argument("runs", nargs="+", help="NOTEBOOK=KIND, e.g. 01-profile-hardware=T4 (kind cpu: any node)")
+    parser.add_argument("runs", nargs="+", help="NOTEBOOK=KIND, e.g. 01-profile-hardware=T4 (kind cpu: any node); "
+                                                "gpu-check=KIND runs `apex gpu-check` there")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="a notebook parameter (a YAML/JSON value, as papermill's -p)")
+    parser.add_argument("--gpu-check-args", default="", help="arguments of apex gpu-check (e.g. --smoke)")
     parser.add_argument("--num-gpus", type=float, default=1.0, help="GPUs each run asks for (0: a CPU rehearsal)")
     parser.add_argument("--root", default=".", help="the checkout (default: the current directory)")
     args = parser.parse_args(argv)
@@ -145,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"runs: {run!r} must be NOTEBOOK=KIND (e.g. 01-profile-hardware=T4)")
         notebooks[notebook.removesuffix(".ipynb").removeprefix("notebooks/")] = kind
     parameters = {name: _value(value) for name, value in args.parameter}
+    if GPU_CHECK in notebooks and len(notebooks) > 1:
+        parser.error("runs: gpu-check runs alone (its parameters are --gpu-check-args, not -p)")
+    if GPU_CHECK in notebooks:
+        parameters = {"args": args.gpu_check_args.split()}
     runs = run_notebooks_on_nodes(notebooks, parameters, Path(args.root).resolve(), num_gpus=args.num_gpus)
     for row in runs.rows:
         print(f"{row['task']}: ran on {row['node_hostname']} ({row['node_gpu'] or 'no GPU'}, {row['node_cpu']}), "  # noqa: T201
