@@ -27,8 +27,9 @@ from apexlib.cluster.measured import MeasuredRuns, MeasuredTask, run_measured
 
 logger = logging.getLogger(__name__)
 
-#: Shipped to the nodes: the code, the notebooks and the results so far (each node has its own .venv).
-SHIPPED = ("apexlib", "notebooks", "data", "pyproject.toml")
+#: Shipped to the nodes: the code, the notebooks and the results so far, quick runs' too (each node has its own
+#: .venv).
+SHIPPED = ("apexlib", "notebooks", "data", "build/quick", "pyproject.toml")
 #: What a notebook run writes, relative to the checkout (``build/quick/...`` for quick runs).
 OUTPUTS = ("data/results", "figures", "build/quick", "build/notebooks")
 
