@@ -126,7 +126,7 @@ serve-replicas: model $(CLUSTER_STAMP) ## N (default 2) apex serve replicas behi
 	$(VENV)/bin/apex serve-replicas --replicas $(N) --port $(SERVE_PORT) -- $(SERVE_ARGS)
 
 # The router's overhead (a timing: run it alone on the machine): `apex bench serve` against one replica
-# directly, then through vllm-router in front of 1 and of 2 replicas, alternating, ROUTER_BENCH_REPEATS times;
+# directly and through vllm-router in front of it (alternating), then in front of 2 replicas, ROUTER_BENCH_REPEATS times;
 # the tiny demo checkpoint on CPU. Rows -> data/results/scale-out/router-overhead-*.
 ROUTER_BENCH_DIR ?= build/router-bench
 ROUTER_BENCH_REPEATS ?= 3
