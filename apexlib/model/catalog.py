@@ -358,23 +358,36 @@ def provenance(model_path: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def cache_name_label(name: str) -> tuple[str, str] | None:
+    """(label, title) read from the name of a cache directory (or of a label made from one): a named
+    checkpoint's build (``smollm2-float32-<key>``) or a tiny preset's (``demo-seed0-<key>``); None for
+    any other name."""
+    for checkpoint in NAMED_CHECKPOINTS.values():
+        if any(name.startswith(f"{checkpoint.name}-{dtype}-") for dtype in CHECKPOINT_DTYPES):
+            return checkpoint.name, checkpoint.title
+    if "-seed" in name:
+        label = "tiny-" + name.split("-seed")[0]
+        return label, f"{label} (random weights)"
+    return None
+
+
+def _label_and_title(model_path: str | Path) -> tuple[str, str]:
+    built = provenance(model_path)
+    if built:
+        return built["model"], built["title"]
+    name = Path(model_path).name
+    return cache_name_label(name) or (name, name)
+
+
 def model_label(model_path: str | Path) -> str:
     """A short name of the model at ``model_path`` for file names: a named checkpoint's name
     (``smollm2``), a tiny preset's shape name (``tiny-demo``), else the directory's name."""
-    built = provenance(model_path)
-    if built:
-        return built["model"]
-    name = Path(model_path).name
-    return "tiny-" + name.split("-seed")[0] if "-seed" in name else name
+    return _label_and_title(model_path)[0]
 
 
 def model_title(model_path: str | Path) -> str:
     """How a figure or a result names the model at ``model_path``."""
-    built = provenance(model_path)
-    if built:
-        return built["title"]
-    label = model_label(model_path)
-    return f"{label} (random weights)" if label.startswith("tiny-") else label
+    return _label_and_title(model_path)[1]
 
 
 def describe_model(model: str | os.PathLike[str]) -> tuple[str, str]:
@@ -384,13 +397,9 @@ def describe_model(model: str | os.PathLike[str]) -> tuple[str, str]:
     if name in NAMED_CHECKPOINTS:
         return name, NAMED_CHECKPOINTS[name].title
     if Path(name).expanduser().is_dir():
-        return model_label(Path(name).expanduser()), model_title(Path(name).expanduser())
-    base = Path(name).name  # a path recorded on another machine: read its cache directory's name
-    for checkpoint in NAMED_CHECKPOINTS.values():
-        if any(base.startswith(f"{checkpoint.name}-{dtype}-") for dtype in CHECKPOINT_DTYPES):
-            return checkpoint.name, checkpoint.title
-    label = "tiny-" + base.split("-seed")[0]
-    return label, f"{label} (random weights)"
+        return _label_and_title(Path(name).expanduser())
+    base = Path(name).name  # a path recorded on another machine (its cache directory's name), or a preset
+    return cache_name_label(base) or (f"tiny-{base}", f"tiny-{base} (random weights)")
 
 
 def resolve_checkpoint(model: str | os.PathLike[str]) -> str:

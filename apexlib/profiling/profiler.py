@@ -63,7 +63,7 @@ from apexlib.costs import (
     shape_from_plan,
 )
 from apexlib.costs.table import DecodeFit, Grid
-from apexlib.model.catalog import model_label, model_title, resolve_checkpoint
+from apexlib.model.catalog import cache_name_label, model_label, model_title, resolve_checkpoint
 from apexlib.profiling.calibrate import calibration_runs, fit_hybrid
 
 logger = logging.getLogger(__name__)
@@ -468,9 +468,9 @@ def default_profile_path(profile: dict[str, Any]) -> Path:
     info = profile["provenance"]
     device = "cpu-" + cpu_short_name(info["cpu_model"], info.get("simd", ())) if info["device"] == "cpu" else \
         re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-")
-    name = profile["model"]["name"].split("-seed")[0]
-    prefix = "tiny-" if "-seed" in profile["model"]["name"] else ""
-    return Path("data/profiles") / f"{device}-{prefix}{name}.json"
+    name = profile["model"]["name"]  # a label, or (profiles written before labels) a cache directory's name
+    label = (cache_name_label(name) or (name,))[0]
+    return Path("data/profiles") / f"{device}-{label}.json"
 
 
 # ----------------------------------------------------------------------------------------------
