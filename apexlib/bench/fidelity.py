@@ -161,10 +161,11 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings,
             max_model_len=config.scheduler.max_model_len),
             cost_model=profile, mode=mode, scheduler_overhead=scheduler_overhead)
 
-    profiles: list[CostModel] = []
+    profiles: list[CostModel] = [fixed] if fixed is not None else []
     runs: dict[str, list[tuple[BenchmarkResult, Any, float, float, int]]] = {policy: [] for policy in names}
     for round_index in range(repeats):
-        profiles.append(measure() if measure is not None else fixed)
+        if measure is not None:
+            profiles.append(measure())
         for policy in (names if round_index % 2 == 0 else names[::-1]):
             settings = policy_settings(policy, profiles[-1])
             engine = build_engine(settings, workload)
@@ -173,21 +174,23 @@ def fidelity(workload: Workload, engine_settings: BenchmarkSettings,
                 measured = run_benchmark(workload, settings, mode=mode, progress=progress, engine=engine)
             finally:
                 engine.close()
-            runs[policy].append((measured, engine.config, load_before, _load_average(), round_index))
+            # the last item: the index of the profile this run decided with (and is compared against)
+            runs[policy].append((measured, engine.config, load_before, _load_average(), len(profiles) - 1))
     metrics = ("output_throughput", "tpot_mean_s", "tpot_median_s", "ttft_mean_s", "duration_s")
     rows = []
     for policy in names:
         config = runs[policy][0][1]
-        sims = {} if remeasure else {0: simulated_run(policy, profiles[0], config)}
-        if remeasure:
-            sims = {run[4]: simulated_run(policy, profiles[run[4]], run[1]) for run in runs[policy]}
+        sims: dict[int, SimulationResult] = {}  # one simulated run per profile (the simulator is deterministic)
+        for run in runs[policy]:
+            if run[4] not in sims:
+                sims[run[4]] = simulated_run(policy, profiles[run[4]], run[1])
         summaries = [run[0].summary_row() for run in runs[policy]]
-        sim_rows = [sims[run[4] if remeasure else 0].summary_row() for run in runs[policy]]
+        sim_rows = [sims[run[4]].summary_row() for run in runs[policy]]
         # the run whose throughput is the median one stands for the engine in the per-iteration comparison
         order = sorted(range(len(summaries)), key=lambda i: summaries[i]["output_throughput"])
         middle = order[len(order) // 2]
         measured = runs[policy][middle][0]
-        simulated = sims[runs[policy][middle][4] if remeasure else 0]
+        simulated = sims[runs[policy][middle][4]]
         if results is not None:
             results.extend([measured, simulated])
         row: dict[str, Any] = {"policy": policy, "model_path": base.engine.model, "workload": workload.name,
